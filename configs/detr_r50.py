@@ -1,0 +1,15 @@
+"""DETR R50 (COCO detection): box AP 42.0.
+
+Released weights: see `detr_jax.convert.RELEASES`; convert with
+`python convert_weights.py SRC OUT --config detr_r50`.
+"""
+from detr_jax.config import Config, DataConfig, LossConfig, ModelConfig
+
+
+def get_config() -> Config:
+    return Config(
+        name="detr_r50",
+        model=ModelConfig(backbone="resnet50", dilation=False, num_classes=91, masks=False),
+        loss=LossConfig(masks=False),
+        data=DataConfig(),
+    )

@@ -1,0 +1,147 @@
+"""Typed configuration of detr-jax.  Every default lives here, once.
+
+Configs are frozen dataclasses grouped by concern (model, loss, data, train).  The files in
+`configs/` build them with `get_config()`; checkpoints store `ModelConfig` as JSON beside the
+parameters (`to_dict` / `from_dict`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Dict, Tuple, Type, TypeVar
+
+T = TypeVar("T")
+
+# ResNet variants: blocks per stage and the width of the stem / first stage.
+RESNET_DEPTHS: Dict[str, Tuple[int, int, int, int]] = {
+    "resnet50": (3, 4, 6, 3),
+    "resnet101": (3, 4, 23, 3),
+    "resnet_tiny": (1, 1, 1, 1),  # for tests and the CPU demo
+}
+RESNET_WIDTHS: Dict[str, int] = {"resnet50": 64, "resnet101": 64, "resnet_tiny": 8}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The DETR architecture.  Defaults are the original DETR R50 (COCO detection)."""
+
+    backbone: str = "resnet50"      # a key of RESNET_DEPTHS
+    dilation: bool = False          # DC5: last stage at stride 16 with dilation 2
+    num_classes: int = 91           # logits = num_classes + 1 (the last one is "no object")
+    masks: bool = False             # panoptic mask head (DETRsegm)
+    hidden_dim: int = 256
+    num_heads: int = 8
+    dim_feedforward: int = 2048
+    enc_layers: int = 6
+    dec_layers: int = 6
+    num_queries: int = 100
+    dropout: float = 0.1            # active in training only
+    pre_norm: bool = False          # the released models are post-norm
+    aux_loss: bool = True           # also return the outputs of the earlier decoder layers
+    dtype: str = "float32"          # compute dtype ("bfloat16" for mixed precision); params stay float32
+
+    @property
+    def num_logits(self) -> int:
+        return self.num_classes + 1
+
+    @property
+    def resnet_depths(self) -> Tuple[int, int, int, int]:
+        if self.backbone not in RESNET_DEPTHS:
+            raise ValueError(f"unknown backbone {self.backbone!r}; known: {sorted(RESNET_DEPTHS)}")
+        return RESNET_DEPTHS[self.backbone]
+
+    @property
+    def resnet_width(self) -> int:
+        return RESNET_WIDTHS[self.backbone]
+
+    @property
+    def backbone_channels(self) -> Tuple[int, int, int, int]:
+        """Output channels of ResNet stages 1..4 (bottleneck expansion 4)."""
+        w = self.resnet_width
+        return (4 * w, 8 * w, 16 * w, 32 * w)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "ModelConfig":
+        return from_dict(cls, d)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Hungarian matcher costs and SetCriterion weights (the original's defaults)."""
+
+    cost_class: float = 1.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    ce_weight: float = 1.0
+    bbox_weight: float = 5.0
+    giou_weight: float = 2.0
+    mask_weight: float = 1.0
+    dice_weight: float = 1.0
+    eos_coef: float = 0.1           # weight of the no-object class in the cross-entropy
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    masks: bool = False             # add the focal and dice mask losses
+    aux_loss: bool = True           # losses on every earlier decoder layer, each matched anew
+    matcher: str = "scipy"          # "scipy" (host callback) or "device" (jittable, no callback)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Image sizes, augmentation and padding.  Eval sizes follow the original val transform."""
+
+    short_side: int = 800           # eval: resize the short side to this ...
+    max_size: int = 1333            # ... unless the long side would exceed this
+    train_scales: Tuple[int, ...] = tuple(range(480, 801, 32))
+    train_max_size: int = 1333
+    crop_resize_scales: Tuple[int, ...] = (400, 500, 600)
+    crop_min_size: int = 384
+    crop_max_size: int = 600
+    max_boxes: int = 100            # targets are padded (or truncated) to this many boxes
+    bucket_multiple: int = 128      # padded image sides are rounded up to a multiple of this
+
+
+def to_json(cfg: Any) -> str:
+    return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
+
+
+def from_dict(cls: Type[T], d: Dict[str, Any]) -> T:
+    """Build a dataclass from a dict, turning lists back into tuples and naming unknown keys."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    return cls(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One experiment: what `configs/NAME.py:get_config()` returns."""
+
+    name: str
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    data: DataConfig = DataConfig()
+
+
+CONFIG_DIR = __import__("pathlib").Path(__file__).resolve().parent.parent / "configs"
+
+
+def load_config(name_or_path: str) -> Config:
+    """`configs/NAME.py` by name (e.g. "detr_r50_dc5_panoptic") or any path to such a file."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(name_or_path)
+    if path.suffix != ".py":
+        path = CONFIG_DIR / f"{name_or_path}.py"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
+        raise FileNotFoundError(f"no config {name_or_path!r}; known: {known}")
+    spec = importlib.util.spec_from_file_location(f"detr_jax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()

@@ -1,0 +1,1 @@
+"""Data: image preprocessing, dataset readers, augmentation and batching (numpy, no model)."""
