@@ -1,0 +1,97 @@
+"""Model checkpoints: an orbax checkpoint of the Flax variables with the model config beside it.
+
+Layout of a checkpoint folder:
+    config.json      {"model": ModelConfig fields, "format": 1, "source": ...}
+    variables/       orbax StandardCheckpointer tree {'params': ..., 'buffers': ...}
+
+`load(path)` returns a ready `DETRModel`; training checkpoints (orbax CheckpointManager steps)
+export the same layout for inference.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from detr_jax.config import ModelConfig
+
+FORMAT_VERSION = 1
+
+
+def save(path, config: ModelConfig, variables: Dict[str, Any], source: Optional[str] = None) -> pathlib.Path:
+    """Write `variables` (numpy or jax arrays) and `config` to the folder `path` (replaced if present)."""
+    import orbax.checkpoint as ocp
+
+    path = pathlib.Path(path).absolute()
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT_VERSION, "model": config.to_dict(), "source": source}
+    variables = jax.tree_util.tree_map(np.asarray, variables)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path / "variables", variables, force=True)
+    (path / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return path
+
+
+def read_config(path) -> ModelConfig:
+    meta_file = pathlib.Path(path) / "config.json"
+    if not meta_file.exists():
+        raise FileNotFoundError(f"{path} is not a detr-jax checkpoint (no config.json); convert PyTorch "
+                                f"weights with `python convert_weights.py SRC OUT`")
+    return ModelConfig.from_dict(json.loads(meta_file.read_text())["model"])
+
+
+def load_variables(path, config: ModelConfig) -> Dict[str, Any]:
+    import orbax.checkpoint as ocp
+
+    from detr_jax.convert import expected_shapes  # the model's tree, without allocating it
+    from flax.traverse_util import unflatten_dict
+
+    abstract = unflatten_dict({k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in expected_shapes(config).items()})
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(pathlib.Path(path).absolute() / "variables", abstract)
+
+
+class DETRModel:
+    """A converted or trained DETR ready to run: `.config`, `.variables`, `__call__`.
+
+    `model(pixel_values, pixel_mask)`: pixel_values float32 [B, H, W, 3] normalized with the
+    ImageNet mean/std; pixel_mask bool [B, H, W], True on real pixels, False on padding (the
+    original DETR's mask is True on padding).  Returns the dict described in
+    `detr_jax.models.detr`.  The jitted function is compiled once per input shape and reused.
+    """
+
+    def __init__(self, config: ModelConfig, variables: Dict[str, Any]):
+        from detr_jax.models import DETR
+
+        self.config = config
+        self.variables = variables
+        self.module = DETR(config)
+        self._apply = jax.jit(self.module.apply, static_argnames=("train", "padding_invariant"))
+        self._apply_capture = jax.jit(functools.partial(self.module.apply, mutable=["intermediates"]),
+                                      static_argnames=("train", "padding_invariant"))
+
+    def __call__(self, pixel_values, pixel_mask, *, padding_invariant: bool = True) -> Dict[str, Any]:
+        return self._apply(self.variables, jnp.asarray(pixel_values), jnp.asarray(pixel_mask, bool),
+                           padding_invariant=padding_invariant)
+
+    def with_intermediates(self, pixel_values, pixel_mask, *, padding_invariant: bool = True):
+        """(outputs, intermediates): backbone_layer1..4, feature_mask, position_embedding, projected, memory, decoder_hs, attention_maps."""
+        out, state = self._apply_capture(self.variables, jnp.asarray(pixel_values), jnp.asarray(pixel_mask, bool),
+                                         padding_invariant=padding_invariant)
+        return out, {k: v[0] for k, v in state["intermediates"].items()}
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"DETRModel({c.backbone}{'-DC5' if c.dilation else ''}, {'panoptic' if c.masks else 'detection'}, "
+                f"{c.num_classes} classes, {c.num_queries} queries)")
+
+
+def load(path) -> DETRModel:
+    """Load a checkpoint folder written by `save` (e.g. by `convert_weights.py`)."""
+    config = read_config(path)
+    return DETRModel(config, load_variables(path, config))

@@ -1,0 +1,121 @@
+"""DETR: backbone + transformer + set-prediction heads, and the panoptic variant (DETRsegm).
+
+Inputs: `pixel_values` float32 [B, H, W, 3], normalized with the ImageNet mean/std, zero-padded
+at the bottom/right; `pixel_mask` bool [B, H, W], True on real pixels and False on padding
+(the original DETR passes the opposite polarity, True on padding).
+
+Outputs (dict):
+  pred_logits  [B, Q, num_classes + 1]  the last logit is "no object"
+  pred_boxes   [B, Q, 4]                (cx, cy, w, h) in [0, 1] of each unpadded image
+  pred_masks   [B, Q, H/4, W/4]          mask logits on the padded stride-4 grid (panoptic only)
+  aux_outputs  list of dec_layers - 1 dicts with pred_logits / pred_boxes of earlier layers
+
+Padding: with `padding_invariant=True` (the default) every image in a padded batch gives what it
+gives alone, unpadded: activations outside each image's valid region are zeroed after every
+backbone and mask-head layer, GroupNorm statistics skip the padding, and feature masks come from
+the exact stride arithmetic.  `padding_invariant=False` reproduces the original, where padding
+changes the results (feature masks by nearest interpolation of the pixel mask).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from detr_jax.config import ModelConfig
+from detr_jax.models.backbone import ResNet
+from detr_jax.models.layers import image_sizes_from_mask, nearest_resize, valid_mask
+from detr_jax.models.position import sine_position_embedding
+from detr_jax.models.segmentation import MaskHeadSmallConv, MHAttentionMap
+from detr_jax.models.transformer import Transformer
+
+
+class MLP(nn.Module):
+    """`num_layers` Dense layers with ReLU between them (`layers_0` .. `layers_{n-1}`)."""
+
+    hidden_dim: int
+    output_dim: int
+    num_layers: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(self.num_layers):
+            last = i == self.num_layers - 1
+            x = nn.Dense(self.output_dim if last else self.hidden_dim, dtype=self.dtype, name=f"layers_{i}")(x)
+            x = x if last else nn.relu(x)
+        return x
+
+
+def feature_masks(pixel_mask: jnp.ndarray, hw) -> jnp.ndarray:
+    """The original's feature mask: nearest interpolation of the pixel mask to `hw`."""
+    return nearest_resize(pixel_mask, hw, axes=(1, 2))
+
+
+class DETR(nn.Module):
+    """DETR, with the panoptic mask head when `config.masks`.  See the module docstring."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, pixel_values: jnp.ndarray, pixel_mask: jnp.ndarray, *, train: bool = False,
+                 padding_invariant: bool = True) -> Dict[str, Any]:
+        cfg = self.config
+        dt = jnp.dtype(cfg.dtype)
+        sizes = image_sizes_from_mask(pixel_mask) if padding_invariant else None
+        features, feature_sizes = ResNet(cfg.resnet_depths, cfg.resnet_width, cfg.dilation, dt,
+                                         name="backbone")(pixel_values, sizes)
+        layer4 = features[-1]
+        hw = layer4.shape[1:3]
+        valid = valid_mask(feature_sizes[-1], hw) if padding_invariant else feature_masks(pixel_mask, hw)
+        pos = sine_position_embedding(valid, cfg.hidden_dim // 2).astype(dt)
+        src = nn.Conv(cfg.hidden_dim, (1, 1), dtype=dt, name="input_proj")(layer4)
+        query_embed = nn.Embed(cfg.num_queries, cfg.hidden_dim, name="query_embed").embedding
+        b = src.shape[0]
+        flat = lambda t: t.reshape(b, -1, t.shape[-1])  # noqa: E731
+        hs, memory = Transformer(cfg.hidden_dim, cfg.num_heads, cfg.dim_feedforward, cfg.enc_layers,
+                                 cfg.dec_layers, cfg.dropout, cfg.pre_norm, dt, name="transformer")(
+            flat(src), valid.reshape(b, -1), flat(pos), query_embed, deterministic=not train)
+        memory = memory.reshape(src.shape)
+        for i, f in enumerate(features):
+            self.sow("intermediates", f"backbone_layer{i + 1}", f)
+        self.sow("intermediates", "feature_mask", valid)
+        self.sow("intermediates", "position_embedding", pos)
+        self.sow("intermediates", "projected", src)
+        self.sow("intermediates", "memory", memory)
+        self.sow("intermediates", "decoder_hs", hs)
+
+        logits = nn.Dense(cfg.num_logits, dtype=dt, name="class_embed")(hs).astype(jnp.float32)
+        boxes = nn.sigmoid(MLP(cfg.hidden_dim, 4, 3, dt, name="bbox_embed")(hs).astype(jnp.float32))
+        out: Dict[str, Any] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if cfg.aux_loss:
+            out["aux_outputs"] = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])]
+        if cfg.masks:
+            attention = MHAttentionMap(cfg.hidden_dim, cfg.num_heads, dt, name="bbox_attention")(hs[-1], memory, valid)
+            self.sow("intermediates", "attention_maps", attention)
+            mask_sizes = [feature_sizes[3], feature_sizes[2], feature_sizes[1], feature_sizes[0]] \
+                if padding_invariant else None
+            masks = MaskHeadSmallConv(cfg.hidden_dim, cfg.num_heads, dt, name="mask_head")(
+                src, attention, [features[2], features[1], features[0]], mask_sizes)
+            out["pred_masks"] = masks.astype(jnp.float32)
+        return out
+
+
+def build_model(config: ModelConfig) -> DETR:
+    return DETR(config)
+
+
+def init_variables(config: ModelConfig, rng, image_hw=(64, 64)) -> Dict[str, Any]:
+    """Random variables (`params` and the frozen-BN `buffers`) for `config`."""
+    import jax
+
+    x = jnp.zeros((1, *image_hw, 3), jnp.float32)
+    m = jnp.ones((1, *image_hw), bool)
+    return jax.jit(DETR(config).init)(rng, x, m)
+
+
+def count_params(variables: Optional[Dict[str, Any]]) -> int:
+    import jax
+
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(variables.get("params", {})))

@@ -1,0 +1,149 @@
+"""The panoptic head of DETR: box attention maps and the small FPN mask head (DETRsegm).
+
+NHWC throughout.  `bbox_attention` gives, for every query, an 8-head attention map over the
+encoder memory; `mask_head` turns [memory features, attention maps] into one mask logit map per
+query at stride 4, through GroupNorm(8) convolutions and adapters over ResNet stages 3, 2, 1.
+
+The first mask-head convolution is linear in its concatenated input `[features (C), maps (8)]`,
+so it is computed as `conv(features)` once per image plus `conv(maps)` per query (same kernel,
+split along its input channels), instead of convolving C + 8 channels for every query.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from detr_jax.models.layers import nearest_resize, valid_mask, zero_outside
+
+GN_EPS = 1e-5
+GN_GROUPS = 8
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm over (H, W, C / groups) per sample, statistics optionally over valid pixels only.
+
+    x: [N, H, W, C]; `sizes`: int32 [N, 2] valid (h, w) or None (whole map, as PyTorch).
+    """
+
+    num_groups: int = GN_GROUPS
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, sizes: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+        n, h, w, c = x.shape
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        g = x.astype(jnp.float32).reshape(n, h, w, self.num_groups, c // self.num_groups)
+        if sizes is None:
+            mean = g.mean(axis=(1, 2, 4), keepdims=True)
+            var = jnp.square(g - mean).mean(axis=(1, 2, 4), keepdims=True)
+        else:
+            keep = valid_mask(sizes, (h, w))[:, :, :, None, None].astype(jnp.float32)
+            count = keep.sum(axis=(1, 2), keepdims=True) * (c // self.num_groups)
+            mean = (g * keep).sum(axis=(1, 2, 4), keepdims=True) / count
+            var = (jnp.square(g - mean) * keep).sum(axis=(1, 2, 4), keepdims=True) / count
+        y = ((g - mean) * jax.lax.rsqrt(var + GN_EPS)).reshape(n, h, w, c)
+        return (y * scale + bias).astype(self.dtype)
+
+
+class MHAttentionMap(nn.Module):
+    """Attention of each query over the memory, per head: [B, Q, heads, h, w].
+
+    One softmax over heads x h x w jointly (not per head); invalid memory positions get weight 0.
+    """
+
+    hidden_dim: int
+    num_heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, q: jnp.ndarray, memory: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndarray:
+        """q: [B, Q, C]; memory: [B, h, w, C]; valid: bool [B, h, w]."""
+        head_dim = self.hidden_dim // self.num_heads
+        q = nn.Dense(self.hidden_dim, dtype=self.dtype, name="q_linear")(q)
+        k = nn.Dense(self.hidden_dim, dtype=self.dtype, name="k_linear")(memory)  # == a 1x1 conv
+        q = q.reshape(*q.shape[:2], self.num_heads, head_dim) * jnp.asarray(head_dim ** -0.5, self.dtype)
+        k = k.reshape(*k.shape[:3], self.num_heads, head_dim)
+        logits = jnp.einsum("bqnc,bhwnc->bqnhw", q, k).astype(jnp.float32)
+        logits = jnp.where(valid[:, None, None], logits, -jnp.inf)
+        b, nq = logits.shape[:2]
+        weights = jax.nn.softmax(logits.reshape(b, nq, -1), axis=-1).reshape(logits.shape)
+        return weights.astype(self.dtype)
+
+
+def conv3x3(features: int, name: str, dtype: Any) -> nn.Conv:
+    return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, name=name)
+
+
+class SplitInputConv(nn.Module):
+    """3x3 conv of `concat([shared, per_query])` as `conv(shared)` broadcast + `conv(per_query)`.
+
+    shared: [B, h, w, Cs]; per_query: [B, Q, h, w, Cq] -> [B, Q, h, w, features].  The kernel is
+    the usual HWIO [3, 3, Cs + Cq, features] (input channels: shared first).
+    """
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, shared: jnp.ndarray, per_query: jnp.ndarray) -> jnp.ndarray:
+        cs, cq = shared.shape[-1], per_query.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, cs + cq, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        kernel = kernel.astype(self.dtype)
+
+        def conv(x, k):
+            return jax.lax.conv_general_dilated(x.astype(self.dtype), k, (1, 1), ((1, 1), (1, 1)),
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+        b, nq = per_query.shape[:2]
+        out_shared = conv(shared, kernel[:, :, :cs]) + bias.astype(self.dtype)
+        out_query = conv(per_query.reshape(b * nq, *per_query.shape[2:]), kernel[:, :, cs:])
+        return out_query.reshape(b, nq, *out_query.shape[1:]) + out_shared[:, None]
+
+
+class MaskHeadSmallConv(nn.Module):
+    """FPN-style mask head: per-query mask logits at the resolution of ResNet stage 1 (stride 4).
+
+    Channels: [C + heads, C/2, C/4, C/8, C/16] with C = hidden_dim; adapters project stages 3,
+    2, 1 to C/2, C/4, C/8.  Upsampling is PyTorch-exact nearest to each stage's size.
+    """
+
+    hidden_dim: int
+    num_heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, attention: jnp.ndarray, fpns: Sequence[jnp.ndarray],
+                 sizes: Optional[Sequence[jnp.ndarray]] = None) -> jnp.ndarray:
+        """x: [B, h, w, C] projected features; attention: [B, Q, heads, h, w]; fpns: stages 3, 2, 1
+        (NHWC); sizes: valid sizes of [x's level, stage 3, stage 2, stage 1] for padding invariance.
+
+        Returns mask logits [B, Q, H1, W1] at stage 1's resolution.
+        """
+        dt = self.dtype
+        dims = [self.hidden_dim + self.num_heads] + [self.hidden_dim // 2 ** i for i in range(1, 5)]
+        b, nq = attention.shape[:2]
+        flat = lambda t: t.reshape(b * nq, *t.shape[2:])  # noqa: E731
+        per_query_sizes = lambda s: None if s is None else jnp.repeat(s, nq, axis=0)  # noqa: E731
+        sizes = list(sizes) if sizes is not None else [None] * 4
+        keep = lambda t, s: t if s is None else zero_outside(t, s)  # noqa: E731
+
+        def norm_relu(t, i, s):
+            return keep(nn.relu(GroupNorm(GN_GROUPS, dt, name=f"gn{i}")(t, per_query_sizes(s))), per_query_sizes(s))
+
+        maps = jnp.transpose(attention, (0, 1, 3, 4, 2))                     # [B, Q, h, w, heads]
+        y = SplitInputConv(dims[0], dt, name="lay1")(keep(x, sizes[0]), maps)
+        y = norm_relu(flat(y), 1, sizes[0])
+        y = norm_relu(conv3x3(dims[1], "lay2", dt)(y), 2, sizes[0])
+        for i, (fpn, s) in enumerate(zip(fpns, sizes[1:])):
+            adapter = nn.Conv(dims[i + 1], (1, 1), dtype=dt, name=f"adapter{i + 1}")(fpn.astype(dt))
+            y = nearest_resize(y, adapter.shape[1:3])
+            y = y.reshape(b, nq, *y.shape[1:]) + adapter[:, None]
+            y = keep(flat(y), per_query_sizes(s))
+            y = norm_relu(conv3x3(dims[i + 2], f"lay{i + 3}", dt)(y), i + 3, s)
+        y = conv3x3(1, "out_lay", dt)(y)
+        return y.reshape(b, nq, *y.shape[1:3])

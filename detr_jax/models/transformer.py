@@ -1,0 +1,177 @@
+"""The DETR encoder-decoder transformer (post-norm by default, pre-norm optional).
+
+Tokens are [B, N, C].  Position embeddings are added to queries and keys, never to values;
+the decoder's learned `query_pos` is added to the queries and keys of self-attention and to the
+queries of cross-attention, and its input starts at zeros.  Masks are True on valid tokens.
+Names mirror PyTorch (`encoder/layers_0/self_attn/q_proj`, `linear1`, `norm1`, `decoder/norm`).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+LN_EPS = 1e-5
+
+
+def layer_norm(name: str, dtype: Any) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, dtype=dtype, name=name)
+
+
+class MultiheadAttention(nn.Module):
+    """`torch.nn.MultiheadAttention` (batch first): separate q/k/v projections and `out_proj`.
+
+    `key_valid` bool [B, Nk] marks keys that may be attended to (False = padding).
+    """
+
+    dim: int
+    num_heads: int
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, query, key, value, key_valid: Optional[jnp.ndarray] = None, deterministic: bool = True):
+        head_dim = self.dim // self.num_heads
+        dense = lambda name: nn.Dense(self.dim, dtype=self.dtype, name=name)  # noqa: E731
+        split = lambda t: t.reshape(*t.shape[:2], self.num_heads, head_dim)  # noqa: E731
+        q = split(dense("q_proj")(query)) * jnp.asarray(head_dim ** -0.5, self.dtype)
+        k = split(dense("k_proj")(key))
+        v = split(dense("v_proj")(value))
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        if key_valid is not None:
+            logits = jnp.where(key_valid[:, None, None, :], logits, jnp.asarray(-jnp.inf, logits.dtype))
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+        weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(*query.shape[:2], self.dim)
+        return dense("out_proj")(out)
+
+
+def feed_forward(layer: nn.Module, x, deterministic: bool):
+    """`linear2(dropout(relu(linear1(x))))`, its Dense layers owned by `layer` (called in its compact)."""
+    x = nn.relu(nn.Dense(layer.dim_feedforward, dtype=layer.dtype, name="linear1")(x))
+    x = nn.Dropout(layer.dropout)(x, deterministic=deterministic)
+    return nn.Dense(layer.dim, dtype=layer.dtype, name="linear2")(x)
+
+
+def with_pos(x, pos):
+    return x if pos is None else x + pos
+
+
+class EncoderLayer(nn.Module):
+    dim: int
+    num_heads: int
+    dim_feedforward: int
+    dropout: float
+    pre_norm: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, src, valid, pos, deterministic: bool = True):
+        drop = lambda t: nn.Dropout(self.dropout)(t, deterministic=deterministic)  # noqa: E731
+        attn = MultiheadAttention(self.dim, self.num_heads, self.dropout, self.dtype, name="self_attn")
+        ffn = lambda t, det: feed_forward(self, t, det)  # noqa: E731
+        norm1, norm2 = layer_norm("norm1", self.dtype), layer_norm("norm2", self.dtype)
+        if self.pre_norm:
+            y = norm1(src)
+            src = src + drop(attn(with_pos(y, pos), with_pos(y, pos), y, valid, deterministic))
+            return src + drop(ffn(norm2(src), deterministic))
+        src = norm1(src + drop(attn(with_pos(src, pos), with_pos(src, pos), src, valid, deterministic)))
+        return norm2(src + drop(ffn(src, deterministic)))
+
+
+class DecoderLayer(nn.Module):
+    dim: int
+    num_heads: int
+    dim_feedforward: int
+    dropout: float
+    pre_norm: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tgt, memory, memory_valid, pos, query_pos, deterministic: bool = True):
+        drop = lambda t: nn.Dropout(self.dropout)(t, deterministic=deterministic)  # noqa: E731
+        self_attn = MultiheadAttention(self.dim, self.num_heads, self.dropout, self.dtype, name="self_attn")
+        cross_attn = MultiheadAttention(self.dim, self.num_heads, self.dropout, self.dtype, name="multihead_attn")
+        ffn = lambda t, det: feed_forward(self, t, det)  # noqa: E731
+        norm1, norm2, norm3 = (layer_norm(f"norm{i}", self.dtype) for i in (1, 2, 3))
+        if self.pre_norm:
+            y = norm1(tgt)
+            tgt = tgt + drop(self_attn(with_pos(y, query_pos), with_pos(y, query_pos), y, None, deterministic))
+            y = norm2(tgt)
+            tgt = tgt + drop(cross_attn(with_pos(y, query_pos), with_pos(memory, pos), memory, memory_valid,
+                                        deterministic))
+            return tgt + drop(ffn(norm3(tgt), deterministic))
+        q = with_pos(tgt, query_pos)
+        tgt = norm1(tgt + drop(self_attn(q, q, tgt, None, deterministic)))
+        tgt = norm2(tgt + drop(cross_attn(with_pos(tgt, query_pos), with_pos(memory, pos), memory, memory_valid,
+                                          deterministic)))
+        return norm3(tgt + drop(ffn(tgt, deterministic)))
+
+
+class Encoder(nn.Module):
+    num_layers: int
+    dim: int
+    num_heads: int
+    dim_feedforward: int
+    dropout: float
+    pre_norm: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, src, valid, pos, deterministic: bool = True):
+        args = (self.dim, self.num_heads, self.dim_feedforward, self.dropout, self.pre_norm, self.dtype)
+        for i in range(self.num_layers):
+            src = EncoderLayer(*args, name=f"layers_{i}")(src, valid, pos, deterministic)
+        return layer_norm("norm", self.dtype)(src) if self.pre_norm else src
+
+
+class Decoder(nn.Module):
+    """Returns every layer's output after the final LayerNorm `norm`: [L, B, Q, C]."""
+
+    num_layers: int
+    dim: int
+    num_heads: int
+    dim_feedforward: int
+    dropout: float
+    pre_norm: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tgt, memory, memory_valid, pos, query_pos, deterministic: bool = True):
+        args = (self.dim, self.num_heads, self.dim_feedforward, self.dropout, self.pre_norm, self.dtype)
+        norm = layer_norm("norm", self.dtype)
+        hs = []
+        for i in range(self.num_layers):
+            tgt = DecoderLayer(*args, name=f"layers_{i}")(tgt, memory, memory_valid, pos, query_pos, deterministic)
+            hs.append(norm(tgt))
+        return jnp.stack(hs)
+
+
+class Transformer(nn.Module):
+    """Encoder over the image tokens, decoder over the object queries.
+
+    Returns `(hs, memory)`: hs [L, B, Q, C], every decoder layer's output after the final
+    decoder LayerNorm; memory [B, N, C], the encoder output.
+    """
+
+    dim: int = 256
+    num_heads: int = 8
+    dim_feedforward: int = 2048
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dropout: float = 0.1
+    pre_norm: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, src, valid, pos, query_embed, deterministic: bool = True
+                 ) -> Tuple[jnp.ndarray, jnp.ndarray]:
+        """src, pos: [B, N, C]; valid: bool [B, N]; query_embed: [Q, C]."""
+        args = (self.dim, self.num_heads, self.dim_feedforward, self.dropout, self.pre_norm, self.dtype)
+        memory = Encoder(self.enc_layers, *args, name="encoder")(src, valid, pos, deterministic)
+        query_pos = jnp.broadcast_to(query_embed.astype(self.dtype), (src.shape[0], *query_embed.shape))
+        hs = Decoder(self.dec_layers, *args, name="decoder")(jnp.zeros_like(query_pos), memory, valid, pos,
+                                                              query_pos, deterministic)
+        return hs, memory
