@@ -101,6 +101,8 @@ class DataConfig:
     crop_max_size: int = 600
     max_boxes: int = 100            # targets are padded (or truncated) to this many boxes
     bucket_multiple: int = 128      # padded image sides are rounded up to a multiple of this
+    hflip_prob: float = 0.5         # train: probability of the random horizontal flip
+    crop_prob: float = 0.5          # train: probability of the resize-crop-resize branch (else resize only)
 
 
 def to_json(cfg: Any) -> str:
