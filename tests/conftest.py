@@ -44,3 +44,56 @@ def reference_arrays(name: str, keys: Optional[Iterable[str]] = None) -> Dict[st
 @pytest.fixture(scope="session")
 def fixture_dir() -> pathlib.Path:
     return FIXTURE_DIR
+
+
+def load_recipe_module():
+    """The fixture's `make_checkpoint.py` (the weight recipe's reference implementation)."""
+    import importlib.util
+
+    path = reference_path("make_checkpoint.py")
+    spec = importlib.util.spec_from_file_location("detr_reference_make_checkpoint", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def recipe_state_dict():
+    """The 490 recipe tensors (original key layout, numpy), checked against the recipe's sha256 list."""
+    import json
+
+    recipe = load_recipe_module()
+    meta = json.loads(reference_path("recipe.json").read_text())
+    state_dict = recipe.make_state_dict(meta["seed"])
+    bad = [k for k, v in state_dict.items() if meta["sha256"][k] != recipe.sha256_of(v)]
+    assert not bad, f"recipe tensors differ from recipe.json: {bad[:5]}"
+    return state_dict
+
+
+@pytest.fixture(scope="session")
+def recipe_pth(recipe_state_dict, tmp_path_factory) -> pathlib.Path:
+    """The recipe written as an original release file, `torch.save({'model': state_dict})`."""
+    torch = pytest.importorskip("torch", reason="writing the recipe .pth needs torch (pip install -e '.[dev]')")
+    path = tmp_path_factory.mktemp("recipe") / "detr-r50-dc5-panoptic-recipe.pth"
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in recipe_state_dict.items()}}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def converted_dir(recipe_pth, tmp_path_factory) -> pathlib.Path:
+    """The recipe .pth converted by `convert_weights.py` (run as a user would, in a subprocess)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("converted") / "detr_r50_dc5_panoptic"
+    result = subprocess.run([sys.executable, str(REPO / "convert_weights.py"), str(recipe_pth), str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference_model(converted_dir):
+    import detr_jax
+
+    return detr_jax.load(converted_dir)
