@@ -231,7 +231,7 @@ def convert_state_dict(sd: StateDict, config: ModelConfig) -> Dict[str, Any]:
     sd = canonical_state_dict(sd)
     expected = expected_shapes(config)
     flat: Dict[Tuple[str, ...], np.ndarray] = {}
-    unexpected, mismatched = [], []
+    unexpected, mismatched, misshaped = [], [], set()
     for key, value in sd.items():
         collection, path = flax_path(key)
         target = (collection, *path)
@@ -242,9 +242,10 @@ def convert_state_dict(sd: StateDict, config: ModelConfig) -> Dict[str, Any]:
         if tuple(value.shape) != tuple(expected[target]):
             mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(expected[target])} "
                               f"at {'/'.join(target)}")
+            misshaped.add(target)
             continue
         flat[target] = value
-    missing = sorted("/".join(k) for k in expected if k not in flat)
+    missing = sorted("/".join(k) for k in expected if k not in flat and k not in misshaped)
     if unexpected or missing or mismatched:
         lines = [f"checkpoint does not match the model ({config.backbone}, dilation={config.dilation}, "
                  f"masks={config.masks}, num_classes={config.num_classes}):"]
