@@ -1,0 +1,182 @@
+"""DETR's set criterion (SetCriterion of the original) on padded, static-shape arrays.
+
+`set_criterion(outputs, targets, config)` matches every decoder layer with the Hungarian matcher
+and returns a dict of scalar terms, the same keys as the original returns:
+
+* `loss_ce`: cross-entropy over all queries, unmatched ones labelled "no object" with weight
+  `eos_coef`; a weighted MEAN (sum of w * nll / sum of w), as `F.cross_entropy` with weights.
+* `loss_bbox`, `loss_giou`: L1 and 1 - GIoU over matched pairs, divided by `num_boxes`.
+* `loss_mask`, `loss_dice` (when `config.masks`; final layer only): the matched queries' mask
+  logits upsampled bilinearly (half-pixel, no antialiasing) to the padded target size, sigmoid
+  focal loss (mean over pixels) and dice loss, summed over targets and divided by `num_boxes`.
+* `class_error` (final layer only): 100 - accuracy (%) of the matched queries; 100 if no target.
+* `cardinality_error`: mean over images of |#(argmax != no-object) - #targets|.
+* `<name>_<i>` for each aux output i (labels, boxes, cardinality; no mask or class_error).
+* `loss`: the weighted total; the weights (from `LossConfig`) are applied in `weighted_total` only.
+
+`num_boxes = max(number of valid targets, 1)`.  Data parallel (`axis_name` given, inside
+`pmap`/`shard_map`): normalizers (`num_boxes`, the CE weight sum) and the metrics use the
+totals over the axis; each loss term is this device's share scaled by the number of devices, so
+that its `pmean` over the axis, and the `pmean` of its gradients, equal those of the global
+batch on one device (the original divides the all-reduced num_boxes by the world size likewise).
+"""
+from __future__ import annotations
+
+import functools
+import re
+from typing import Dict, Optional
+
+import jax
+import jax.numpy as jnp
+
+from detr_jax import box_ops
+from detr_jax.config import LossConfig
+from detr_jax.matcher import ensure_target_slot, hungarian_match, safe_target_boxes
+
+Array = jnp.ndarray
+
+# weighted terms -> the LossConfig field holding their weight (aux copies `<name>_<i>` share it)
+WEIGHT_FIELDS = {"loss_ce": "ce_weight", "loss_bbox": "bbox_weight", "loss_giou": "giou_weight",
+                 "loss_mask": "mask_weight", "loss_dice": "dice_weight"}
+
+
+def weighted_total(losses: Dict[str, Array], config: LossConfig) -> Array:
+    """Sum of `weight * term` over the weighted terms in `losses` (metrics are not weighted)."""
+    total = jnp.zeros((), jnp.float32)
+    for name, value in losses.items():
+        field = WEIGHT_FIELDS.get(re.sub(r"_\d+$", "", name))
+        if field is not None:
+            total = total + getattr(config, field) * value
+    return total
+
+
+def _gather_queries(values: Array, match: Array) -> Array:
+    """`[B, M, ...]` per-target values gathered for each query by `match` `[B, Q]` (clipped)."""
+    index = jnp.clip(match, 0, values.shape[1] - 1)
+    index = index.reshape(index.shape + (1,) * (values.ndim - 2))
+    return jnp.take_along_axis(values, index, axis=1)
+
+
+def _detection_sums(logits: Array, boxes: Array, match: Array, targets: Dict[str, Array],
+                    eos_coef: float) -> Dict[str, Array]:
+    """Unnormalized sums of one decoder layer: logits `[B, Q, C+1]`, boxes `[B, Q, 4]`,
+    match `[B, Q]`.  Returns scalars: ce_num, ce_den, l1, giou, correct, matched, card_abs."""
+    no_object = logits.shape[-1] - 1
+    matched = match >= 0
+    target_class = jnp.where(matched, _gather_queries(targets["labels"], match), no_object)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, target_class[..., None], axis=-1)[..., 0]
+    weight = jnp.where(target_class == no_object, eos_coef, 1.0).astype(jnp.float32)
+
+    predicted = jnp.argmax(logits, axis=-1)
+    num_objects = jnp.sum(predicted != no_object, axis=-1)
+    num_targets = jnp.sum(targets["valid"], axis=-1)
+
+    # matched pairs only; unmatched queries see a harmless box pair (no NaN, zero gradient)
+    tgt_boxes = safe_target_boxes(targets["boxes"].astype(jnp.float32), targets["valid"])
+    tgt_boxes = _gather_queries(tgt_boxes, match)
+    src_boxes = jnp.where(matched[..., None], boxes.astype(jnp.float32), tgt_boxes)
+    l1 = jnp.abs(src_boxes - tgt_boxes).sum(-1)
+    giou = box_ops.generalized_box_iou_elementwise(box_ops.box_cxcywh_to_xyxy(src_boxes),
+                                                   box_ops.box_cxcywh_to_xyxy(tgt_boxes))
+    return {
+        "ce_num": jnp.sum(weight * nll),
+        "ce_den": jnp.sum(weight),
+        "l1": jnp.sum(jnp.where(matched, l1, 0.0)),
+        "giou": jnp.sum(jnp.where(matched, 1.0 - giou, 0.0)),
+        "correct": jnp.sum(matched & (predicted == target_class)).astype(jnp.float32),
+        "matched": jnp.sum(matched).astype(jnp.float32),
+        "card_abs": jnp.sum(jnp.abs(num_objects - num_targets)).astype(jnp.float32),
+    }
+
+
+def sigmoid_focal_loss(logits: Array, targets: Array, alpha: float = 0.25,
+                       gamma: float = 2.0) -> Array:
+    """Per-element focal loss of mask logits vs binary targets (same shapes); alpha < 0: none."""
+    prob = jax.nn.sigmoid(logits)
+    ce = jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss
+
+
+def dice_loss(logits: Array, targets: Array) -> Array:
+    """Dice loss per mask: `[..., H, W]` logits and binary targets -> `[...]`."""
+    prob = jax.nn.sigmoid(logits)
+    numerator = 2 * jnp.sum(prob * targets, axis=(-2, -1))
+    denominator = jnp.sum(prob, axis=(-2, -1)) + jnp.sum(targets, axis=(-2, -1))
+    return 1 - (numerator + 1) / (denominator + 1)
+
+
+def upsample_masks(masks: Array, size) -> Array:
+    """Bilinear resize of `[..., h, w]` to `[..., H, W]` as torch `F.interpolate(mode="bilinear",
+    align_corners=False)` (half-pixel centers, edge clamped, no antialiasing)."""
+    shape = masks.shape[:-2] + tuple(size)
+    return jax.image.resize(masks, shape, method="bilinear", antialias=False)
+
+
+def _mask_sums(pred_masks: Array, match: Array, targets: Dict[str, Array],
+               config: LossConfig) -> Dict[str, Array]:
+    """Sums over matched targets of the focal (pixel mean) and dice losses.
+
+    Per target slot: pred_masks `[B, Q, h, w]` of the matched query -> `[B, M, Hm, Wm]`.
+    """
+    num_slots = targets["valid"].shape[-1]
+    hit = match[:, :, None] == jnp.arange(num_slots)                     # [B, Q, M]
+    used = jnp.any(hit, axis=1) & targets["valid"]                       # [B, M]
+    query = jnp.argmax(hit, axis=1)                                      # [B, M]
+    src = jnp.take_along_axis(pred_masks.astype(jnp.float32), query[:, :, None, None], axis=1)
+    tgt = targets["masks"].astype(jnp.float32)
+    src = upsample_masks(src, tgt.shape[-2:])
+    focal = jnp.mean(sigmoid_focal_loss(src, tgt, config.focal_alpha, config.focal_gamma),
+                     axis=(-2, -1))
+    return {"mask": jnp.sum(jnp.where(used, focal, 0.0)),
+            "dice": jnp.sum(jnp.where(used, dice_loss(src, tgt), 0.0))}
+
+
+def set_criterion(outputs: Dict, targets: Dict[str, Array], config: LossConfig = LossConfig(),
+                  axis_name: Optional[str] = None) -> Dict[str, Array]:
+    """DETR's losses for model `outputs` and padded `targets` (see the module docstring).
+
+    Jittable and differentiable w.r.t. the outputs; the matching is constant (no gradient).
+    """
+    targets = ensure_target_slot(targets)
+    layers = [outputs]
+    if config.aux_loss:
+        layers = list(outputs.get("aux_outputs", ())) + layers       # aux 0..L-2, then final
+    logits = jnp.stack([layer["pred_logits"] for layer in layers])    # [L, B, Q, C+1]
+    boxes = jnp.stack([layer["pred_boxes"] for layer in layers])      # [L, B, Q, 4]
+    matcher = functools.partial(hungarian_match, cost_class=config.cost_class,
+                                cost_bbox=config.cost_bbox, cost_giou=config.cost_giou,
+                                method=config.matcher)
+    match = jax.vmap(matcher, in_axes=(0, None))({"pred_logits": logits, "pred_boxes": boxes},
+                                                 targets)           # one host call for all layers
+    match = jax.lax.stop_gradient(match)                              # [L, B, Q]
+    sums = jax.vmap(_detection_sums, in_axes=(0, 0, 0, None, None))(
+        logits, boxes, match, targets, config.eos_coef)
+
+    def total(x):
+        return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+    num_devices = total(1)
+    num_boxes = jnp.maximum(total(jnp.sum(targets["valid"]).astype(jnp.float32)), 1.0) / num_devices
+    ce = sums["ce_num"] / (total(sums["ce_den"]) / num_devices)
+    correct, matched = total(sums["correct"]), total(sums["matched"])
+    class_error = jnp.where(matched > 0, 100 - 100 * correct / jnp.maximum(matched, 1.0), 100.0)
+    cardinality = total(sums["card_abs"]) / total(float(match.shape[1]))
+    terms = {"loss_ce": ce, "loss_bbox": sums["l1"] / num_boxes,
+             "loss_giou": sums["giou"] / num_boxes, "cardinality_error": cardinality}
+
+    final = len(layers) - 1
+    losses = {name: value[final] for name, value in terms.items()}
+    losses["class_error"] = class_error[final]
+    if config.masks:
+        mask = _mask_sums(outputs["pred_masks"], match[final], targets, config)
+        losses["loss_mask"] = mask["mask"] / num_boxes
+        losses["loss_dice"] = mask["dice"] / num_boxes
+    for i in range(final):
+        losses.update({f"{name}_{i}": value[i] for name, value in terms.items()})
+    losses["loss"] = weighted_total(losses, config)
+    return losses
