@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Dict, Tuple, Type, TypeVar
+from typing import Any, Dict, Optional, Tuple, Type, TypeVar
 
 T = TypeVar("T")
 
@@ -101,8 +101,41 @@ class DataConfig:
     crop_max_size: int = 600
     max_boxes: int = 100            # targets are padded (or truncated) to this many boxes
     bucket_multiple: int = 128      # padded image sides are rounded up to a multiple of this
+    max_image_pixels: int = 150_000_000  # refuse larger images (decompression bombs); PIL's own hard limit is ~179M
     hflip_prob: float = 0.5         # train: probability of the random horizontal flip
     crop_prob: float = 0.5          # train: probability of the resize-crop-resize branch (else resize only)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimization and the training loop.  Defaults are the original DETR recipe (300 epochs,
+    lr drop at 200, AdamW 1e-4 / backbone 1e-5, weight decay 1e-4, clipping at 0.1)."""
+
+    batch_size: int = 64            # global images per step over all devices and hosts (paper: 4 x 16 GPUs)
+    epochs: int = 300
+    max_steps: Optional[int] = None  # stop after this many steps (overrides `epochs`)
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5       # parameters under `backbone/`
+    weight_decay: float = 1e-4      # decoupled (AdamW), on every trainable parameter
+    clip_max_norm: float = 0.1      # global norm of the trainable gradients; 0 disables
+    lr_drop_epochs: int = 200       # the lr is multiplied by lr_drop_factor from this epoch on ...
+    lr_drop_step: Optional[int] = None  # ... or from this step, when given
+    lr_drop_factor: float = 0.1
+    warmup_steps: int = 0           # linear warm-up (the original has none)
+    seed: int = 42
+    # Frozen: these parameter prefixes never change (the original freezes the stem and layer1; the
+    # frozen-BatchNorm `buffers` collection is never trained at all).
+    frozen: Tuple[str, ...] = ("backbone/conv1/", "backbone/layer1_")
+    # "all": the model and losses as configured; the panoptic recipe in two stages: "detection"
+    # (no mask head, box losses only), then "masks" (only `mask_trainable` trains, mask losses on).
+    stage: str = "all"
+    mask_trainable: Tuple[str, ...] = ("bbox_attention/", "mask_head/")
+    mixed_precision: bool = False   # model compute in bfloat16; parameters and losses stay float32
+    padding_invariant: bool = True  # the model mode (see models/detr.py); False: the original's
+    log_every: int = 50             # steps between logged metrics (the only host syncs)
+    save_every: int = 1000          # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 3       # the last N checkpoints are kept
+    num_workers: int = 4            # data-loading threads per host
 
 
 def to_json(cfg: Any) -> str:
@@ -127,6 +160,7 @@ class Config:
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
 
 
 CONFIG_DIR = __import__("pathlib").Path(__file__).resolve().parent.parent / "configs"

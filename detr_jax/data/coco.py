@@ -34,11 +34,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-try:
-    from detr_jax.data.preprocess import ImageLoadError
-except ImportError:  # TODO: remove once preprocess defines ImageLoadError
-    class ImageLoadError(OSError):
-        """An image file that is missing or cannot be decoded."""
+from detr_jax.data.preprocess import ImageLoadError
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, pathlib.Path]

@@ -41,14 +41,8 @@ import numpy as np
 
 from detr_jax.config import DataConfig
 from detr_jax.data.coco import BadSampleError
-from detr_jax.data.preprocess import pad_batch
+from detr_jax.data.preprocess import bucket_shape, pad_batch
 from detr_jax.data.transforms import finalize
-
-try:
-    from detr_jax.data.preprocess import bucket_shape
-except ImportError:  # TODO: remove once preprocess defines bucket_shape
-    def bucket_shape(height: int, width: int, multiple: int) -> Tuple[int, int]:
-        return -(-height // multiple) * multiple, -(-width // multiple) * multiple
 
 log = logging.getLogger(__name__)
 Sample = Dict[str, np.ndarray]

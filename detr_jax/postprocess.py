@@ -1,0 +1,368 @@
+"""Post-processing of DETR outputs: scored boxes, instance masks and panoptic segments.
+
+Inputs follow the model contract: `pred_logits` [B, Q, C+1] (the last logit is "no object"),
+`pred_boxes` [B, Q, 4] (cx, cy, w, h) in [0, 1] of the UNPADDED image, `pred_masks`
+[B, Q, Hp/4, Wp/4] mask logits on the stride-4 grid of the PADDED batch; `image_sizes` [B, 2]
+(h, w) after resize and before padding; `orig_sizes` [B, 2] (h, w) of the original photos.
+
+On a single unpadded image every function equals the original DETR's `PostProcess`,
+`PostProcessSegm` and `PostProcessPanoptic` (same float32 bilinear taps as `F.interpolate(...,
+align_corners=False)`, same nearest rule, same PIL NEAREST resize of the segment map).  On a padded
+batch the original resamples the whole padded mask grid, so an image's masks depend on its batch
+mates.  By default (`crop=True`) we first crop each image's own region of the grid,
+`ceil(h / 4) x ceil(w / 4)` (conv1 and the max-pool each halve with ceiling), so an image gives
+the same masks in any batch as alone; `crop=False` reproduces the original's padded-batch results.
+
+Split between device and host:
+- jittable `jnp` (static shapes; per-image sizes may be traced): `class_scores`, `box_predictions`,
+  `resize_bilinear`, `instance_masks`;
+- host `numpy`: everything with data-dependent shapes: per-image cropping and nearest resizing to
+  the original size (`postprocess_instance_masks`), the panoptic bookkeeping (kept queries, stuff
+  merging, the small-segment loop, the PIL resize, `postprocess_panoptic`) and PNG encoding.
+`resize_bilinear` runs on numpy arrays too (same arithmetic), which the panoptic path uses so that
+a varying number of kept queries never triggers a compilation.
+"""
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from detr_jax.box_ops import box_cxcywh_to_xyxy
+from detr_jax.panoptic_quality import id_to_rgb, rgb_to_id
+
+MASK_STRIDE = 4             # pred_masks is at stride 4 of the padded input
+PANOPTIC_THRESHOLD = 0.85   # the original's PostProcessPanoptic default
+MASK_THRESHOLD = 0.5        # PostProcessSegm: sigmoid(logit) > 0.5
+MIN_SEGMENT_AREA = 4        # panoptic segments of at most this many pixels are dropped
+
+IsThing = Union[Mapping[int, bool], Callable[[int], bool]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores and boxes (jittable)
+
+def class_scores(logits: jnp.ndarray, include_no_object: bool = False) -> Tuple[jnp.ndarray, jnp.ndarray]:
+    """Softmax over all C+1 logits, then max / argmax: `[..., C+1]` -> scores, labels `[...]`.
+
+    `include_no_object=False` (PostProcess) takes them over the C real classes; True (the panoptic
+    post-processor) over all C+1, so a label of C means "no object".
+    """
+    prob = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    if not include_no_object:
+        prob = prob[..., :-1]
+    return prob.max(-1), jnp.argmax(prob, axis=-1).astype(jnp.int32)
+
+
+def box_predictions(logits: jnp.ndarray, boxes: jnp.ndarray, orig_sizes: jnp.ndarray) -> Dict[str, jnp.ndarray]:
+    """The original `PostProcess`, batched: scores, labels [B, Q] and xyxy boxes [B, Q, 4] in pixels.
+
+    Boxes (cx, cy, w, h) relative to the unpadded image are scaled by the original photo's
+    (w, h, w, h), `orig_sizes` [B, 2] holding (h, w).
+    """
+    scores, labels = class_scores(logits)
+    h, w = orig_sizes[:, 0], orig_sizes[:, 1]
+    scale = jnp.stack([w, h, w, h], axis=-1).astype(jnp.float32)
+    return {"scores": scores, "labels": labels, "boxes": box_cxcywh_to_xyxy(boxes) * scale[:, None, :]}
+
+
+def postprocess_boxes(logits, boxes, orig_sizes) -> List[Dict[str, np.ndarray]]:
+    """`box_predictions` as one dict of numpy arrays per image: scores [Q], labels [Q], boxes [Q, 4]."""
+    out = jax.device_get(box_predictions(jnp.asarray(logits), jnp.asarray(boxes), jnp.asarray(orig_sizes)))
+    return [{k: np.asarray(v[i]) for k, v in out.items()} for i in range(len(out["scores"]))]
+
+
+# ----------------------------------------------------------------------------------------------
+# Mask resampling (jnp inside jit, or numpy on the host: the same float32 arithmetic)
+
+def mask_grid_size(sizes):
+    """Rows/columns of the stride-4 mask grid that an image of `sizes` (h, w) covers: ceil(x / 4)."""
+    return (sizes + (MASK_STRIDE - 1)) // MASK_STRIDE
+
+
+def _fma(xp, a, b, c):
+    """float32 `a * b + c` with one rounding, as the original's CPU kernels compute it (compiled
+    with FMA contraction).  numpy: via float64 (a float32 product is exact there); jnp: with
+    error-free transformations (Veltkamp/Dekker product, Knuth sum), in float32 only."""
+    if xp is np:
+        return (a.astype(np.float64) * b + c).astype(np.float32)
+    p = a * b
+    a_hi, b_hi = _split(a), _split(b)
+    a_lo, b_lo = a - a_hi, b - b_hi
+    p_err = ((a_hi * b_hi - p) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo   # a * b - p, exactly
+    s = p + c
+    v = s - p
+    s_err = (p - (s - v)) + (c - v)                                         # p + c - s, exactly
+    return s + (s_err + p_err)
+
+
+def _split(x):
+    """The high 12 bits of float32 `x` (Veltkamp's splitting with 2**12 + 1)."""
+    t = x * np.float32(4097)
+    return t - (t - x)
+
+
+def _linear_taps(xp, src, dst, n_out: int, n_in: int):
+    """Source indices and weights of `F.interpolate(bilinear, align_corners=False)` along one axis.
+
+    src, dst: [B] ints (source and target lengths); returns i0, i1 [B, n_out] and l0, l1 [B, n_out]
+    float32.  Positions at or beyond `dst` are clamped into the array (their values are junk).
+    """
+    f32 = np.float32
+    scale = xp.asarray(src).astype(f32) / xp.asarray(dst).astype(f32)
+    centers = xp.arange(n_out, dtype=f32) + f32(0.5)
+    pos = _fma(xp, scale[:, None], centers[None, :], xp.full((1, n_out), -0.5, f32))
+    pos = xp.maximum(pos, f32(0))
+    i0 = pos.astype(xp.int32)
+    l1 = xp.clip(pos - i0.astype(f32), f32(0), f32(1))
+    l0 = f32(1) - l1
+    i1 = i0 + (i0 < xp.asarray(src)[:, None] - 1).astype(xp.int32)
+    return xp.minimum(i0, n_in - 1), xp.minimum(i1, n_in - 1), l0, l1
+
+
+def _resize_one(xp, x, ih0, ih1, lh0, lh1, iw0, iw1, lw0, lw1):
+    """[Q, H, W] -> [Q, Ho, Wo] in the original's order: rows, then columns, each 2-tap sum as
+    fma(v0, l0, v1 * l1)."""
+    def lerp(v0, v1, l0, l1):
+        return _fma(xp, v0, l0, v1 * l1)
+    top, bottom = x[:, ih0, :], x[:, ih1, :]
+    top = lerp(top[:, :, iw0], top[:, :, iw1], lw0, lw1)
+    bottom = lerp(bottom[:, :, iw0], bottom[:, :, iw1], lw0, lw1)
+    return lerp(top, bottom, lh0[:, None], lh1[:, None])
+
+
+def resize_bilinear(x, src_sizes, dst_sizes, out_hw: Tuple[int, int]):
+    """Resample each image's top-left `src_sizes[b]` region of `x` to `dst_sizes[b]`, bilinearly.
+
+    x: [B, Q, H, W] (jnp or numpy; the result has the same kind); src_sizes, dst_sizes: [B, 2]
+    (h, w), may be traced; out_hw: static (Ho, Wo) >= every dst size.  Returns [B, Q, Ho, Wo]
+    float32 whose region [:dst_h, :dst_w] equals `F.interpolate(x[b:b+1, :, :src_h, :src_w],
+    dst, mode="bilinear", align_corners=False)`; the rest is junk.
+    """
+    xp = np if isinstance(x, np.ndarray) else jnp
+    src_sizes, dst_sizes = xp.asarray(src_sizes), xp.asarray(dst_sizes)
+    (n_h, n_w), (h_in, w_in) = out_hw, x.shape[-2:]
+    taps = (*_linear_taps(xp, src_sizes[:, 0], dst_sizes[:, 0], n_h, h_in),
+            *_linear_taps(xp, src_sizes[:, 1], dst_sizes[:, 1], n_w, w_in))
+    x = x.astype(xp.float32)
+    if xp is np:
+        return np.stack([_resize_one(np, x[b], *(t[b] for t in taps)) for b in range(len(x))])
+    return jax.vmap(functools.partial(_resize_one, jnp))(x, *taps)
+
+
+def _mask_regions(xp, masks_hw, image_sizes, crop: bool, target: str):
+    """(src_sizes, dst_sizes) [B, 2] for resampling the mask grid, cropped or as the original."""
+    image_sizes = xp.asarray(image_sizes)
+    if crop:
+        return mask_grid_size(image_sizes), image_sizes
+    full = xp.broadcast_to(xp.asarray(masks_hw), image_sizes.shape)
+    if target == "segm":  # PostProcessSegm: the whole grid to the batch's max processed size
+        return full, xp.broadcast_to(image_sizes.max(0), image_sizes.shape)
+    return full, image_sizes  # PostProcessPanoptic: the whole grid to each image's size
+
+
+def instance_masks(pred_masks: jnp.ndarray, image_sizes: jnp.ndarray, out_hw: Tuple[int, int], *,
+                   crop: bool = True, threshold: float = MASK_THRESHOLD) -> jnp.ndarray:
+    """Binary masks at the processed size: bool [B, Q, Ho, Wo], valid in [:h, :w] of each image.
+
+    `sigmoid(bilinear(logits)) > threshold`.  crop=True resamples each image's own grid region to
+    its size (batch-independent); crop=False is the original (the whole padded grid to the batch's
+    max processed size).  `out_hw` (static) must cover every image, e.g. 4 x the grid shape.
+    """
+    src, dst = _mask_regions(jnp, pred_masks.shape[-2:], image_sizes, crop, "segm")
+    logits = resize_bilinear(jnp.asarray(pred_masks), src, dst, out_hw)
+    return jax.nn.sigmoid(logits) > threshold
+
+
+def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """Source indices of `F.interpolate(mode="nearest")`: floor(i * float32(n_in / n_out))."""
+    if n_in == n_out:
+        return np.arange(n_out)
+    if n_out == 2 * n_in:
+        return np.arange(n_out) >> 1
+    scale = np.float32(n_in) / np.float32(n_out)
+    return np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64), n_in - 1)
+
+
+def resize_nearest(masks: np.ndarray, out_hw: Tuple[int, int]) -> np.ndarray:
+    """[..., H, W] -> [..., Ho, Wo] with the nearest rule of `F.interpolate` (not half-pixel)."""
+    rows = _nearest_indices(masks.shape[-2], out_hw[0])
+    cols = _nearest_indices(masks.shape[-1], out_hw[1])
+    return masks[..., rows[:, None], cols[None, :]]
+
+
+_instance_masks_jit = jax.jit(instance_masks, static_argnames=("out_hw", "crop", "threshold"))
+
+
+def postprocess_instance_masks(pred_masks, image_sizes, orig_sizes, *, crop: bool = True,
+                               threshold: float = MASK_THRESHOLD) -> List[np.ndarray]:
+    """The original `PostProcessSegm`: per image bool [Q, H0, W0] masks at the original size.
+
+    Masks at the processed size (`instance_masks`, compiled once per mask-grid shape), cropped to
+    each image's (h, w), then resized with the nearest rule to `orig_sizes`.
+    """
+    image_sizes, orig_sizes = np.asarray(image_sizes), np.asarray(orig_sizes)
+    out_hw = tuple(MASK_STRIDE * int(n) for n in np.shape(pred_masks)[-2:])  # >= every image size
+    masks = np.asarray(_instance_masks_jit(jnp.asarray(pred_masks), jnp.asarray(image_sizes),
+                                           out_hw=out_hw, crop=crop, threshold=threshold))
+    return [resize_nearest(m[:, :h, :w], (int(oh), int(ow)))
+            for m, (h, w), (oh, ow) in zip(masks, image_sizes, orig_sizes)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Panoptic segmentation (host)
+
+def default_is_thing(category_id: int) -> bool:
+    """COCO panoptic: the listed categories' `isthing`; ids not listed count as things if <= 90
+    (COCO's thing ids are the detection ids 1..90, stuff ids 92..200).  Unlike the original,
+    which raises KeyError on an id its map lacks, any label is accepted."""
+    from detr_jax.labels import panoptic_is_thing
+
+    return panoptic_is_thing(category_id)
+
+
+def panoptic_to_png(id_map: np.ndarray) -> np.ndarray:
+    """Segment ids [H, W] -> uint8 [H, W, 3] with id = R + 256 G + 65536 B (the COCO panoptic PNG)."""
+    id_map = np.asarray(id_map)
+    if id_map.size and (id_map.min() < 0 or id_map.max() >= 2 ** 24):
+        raise ValueError("panoptic segment ids must lie in [0, 2**24)")
+    return id_to_rgb(id_map)
+
+
+def png_to_ids(rgb: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] panoptic PNG pixels -> segment ids int64 [H, W] (R + 256 G + 65536 B)."""
+    return rgb_to_id(rgb)
+
+
+# The original picks each pixel's segment as argmax(softmax over the kept queries), computed by
+# PyTorch's CPU kernel.  That equals the plain argmax except where two queries' logits are so
+# close that the float32 softmax rounds them to equal (the first one wins) or swaps them; there
+# we redo the kernel's arithmetic exactly: SLEEF's expf (u10, with FMA), a sum in 16 lanes
+# (AVX-512) folded by halving, and a multiplication by the reciprocal of the sum.
+_NEAR_TIE = 1e-5  # relative logit gap below which the exact softmax is replayed
+_SUM_LANES = 16
+_LN2_HI, _LN2_LO = np.float32(0.693145751953125), np.float32(1.428606765330187045e-06)
+_EXP_POLY = (0.000198527617612853646278381, 0.00139304355252534151077271, 0.00833336077630519866943359,
+             0.0416664853692054748535156, 0.166666671633720397949219, 0.5)
+
+
+def _sleef_expf(d: np.ndarray) -> np.ndarray:
+    """float32 exp(d) bit-exactly as SLEEF's `expf_u10` (PyTorch's vectorised exp on CPU)."""
+    q = np.rint(d * np.float32(1.4426950408889634)).astype(np.int32)
+    s = _fma(np, q.astype(np.float32), -_LN2_HI, d)
+    s = _fma(np, q.astype(np.float32), -_LN2_LO, s)
+    u = np.full_like(s, _EXP_POLY[0])
+    for c in _EXP_POLY[1:]:
+        u = _fma(np, u, s, np.float32(c))
+    u = np.float32(1) + _fma(np, s * s, u, s)
+    u = np.ldexp(u, q).astype(np.float32)
+    return np.where(d < -104, np.float32(0), u)
+
+
+def _lane_sum(e: np.ndarray) -> np.ndarray:
+    """Sum over axis 0 of e [K, N] in the order of PyTorch's `vec::reduce_all` (float32)."""
+    k = len(e)
+    if k < _SUM_LANES:
+        total = e[0]
+        for row in e[1:]:
+            total = total + row
+        return total
+    padded = np.zeros((-(-k // _SUM_LANES) * _SUM_LANES,) + e.shape[1:], np.float32)
+    padded[:k] = e
+    acc = padded[:_SUM_LANES]
+    for start in range(_SUM_LANES, len(padded), _SUM_LANES):
+        acc = acc + padded[start:start + _SUM_LANES]
+    step = _SUM_LANES // 2
+    while step:
+        acc = acc + acc[np.arange(_SUM_LANES) ^ step]
+        step //= 2
+    return acc[0]
+
+
+def _softmax_argmax(masks: np.ndarray) -> np.ndarray:
+    """argmax over K of torch.softmax(masks [K, h, w]) per pixel -> int64 [h, w]."""
+    k, h, w = masks.shape
+    x = masks.reshape(k, -1)
+    best = np.argmax(x, axis=0)
+    if k == 1:
+        return best.reshape(h, w)
+    top = np.take_along_axis(x, best[None], 0)[0]
+    rest = x.copy()
+    np.put_along_axis(rest, best[None], -np.inf, 0)
+    near = np.flatnonzero(top - rest.max(0) <= _NEAR_TIE * np.maximum(1, np.abs(top)))
+    if len(near):
+        sub = x[:, near]
+        e = _sleef_expf(sub - sub.max(0))
+        best[near] = np.argmax(e * (np.float32(1) / _lane_sum(e)), axis=0)
+    return best.reshape(h, w)
+
+
+def _segment_map(masks: np.ndarray, count: int, merge: Sequence[Sequence[int]], orig_hw) -> np.ndarray:
+    """Index of the winning kept query per pixel at the original size (0 where none is kept)."""
+    h, w = masks.shape[-2:]
+    m_id = _softmax_argmax(masks) if count else np.zeros((h, w), np.int64)
+    for equiv in merge:  # stuff queries of one class all become the first of them
+        m_id[np.isin(m_id, equiv)] = equiv[0]
+    png = Image.fromarray(panoptic_to_png(m_id)).resize((int(orig_hw[1]), int(orig_hw[0])), Image.NEAREST)
+    return png_to_ids(np.asarray(png))
+
+
+def _panoptic_one(logits, masks, src_hw, size_hw, orig_hw, is_thing, threshold) -> Dict[str, Any]:
+    scores, labels = (np.asarray(a) for a in class_scores(jnp.asarray(logits), include_no_object=True))
+    kept = np.flatnonzero((labels != logits.shape[-1] - 1) & (scores > threshold))
+    h, w = int(size_hw[0]), int(size_hw[1])
+    crop = masks[kept][None, :, :int(src_hw[0]), :int(src_hw[1])]
+    masks = resize_bilinear(crop, [src_hw], [size_hw], (h, w))[0] if len(kept) else np.zeros((0, h, w), np.float32)
+    classes = labels[kept]
+    stuff = defaultdict(list)
+    for k, label in enumerate(classes):
+        if not is_thing(int(label)):
+            stuff[int(label)].append(k)
+    merge = [equiv for equiv in stuff.values() if len(equiv) > 1]
+    id_map = _segment_map(masks, len(kept), merge, orig_hw)
+    area = np.bincount(id_map.ravel(), minlength=len(kept))[:len(kept)]
+    while len(kept) and (area <= MIN_SEGMENT_AREA).any():  # drop tiny segments, redo without merging
+        big = area > MIN_SEGMENT_AREA
+        kept, classes, masks = kept[big], classes[big], masks[big]
+        id_map = _segment_map(masks, len(kept), [], orig_hw)
+        area = np.bincount(id_map.ravel(), minlength=len(kept))[:len(kept)]
+    segments = [{"id": i, "isthing": bool(is_thing(int(c))), "category_id": int(c), "area": int(a)}
+                for i, (c, a) in enumerate(zip(classes, area))]
+    return {"id_map": id_map.astype(np.int32), "segments_info": segments,
+            "scores": scores[kept], "query_indices": kept.astype(np.int32)}
+
+
+def postprocess_panoptic(pred_logits, pred_masks, image_sizes, orig_sizes=None, *,
+                         is_thing_map: Optional[IsThing] = None, threshold: float = PANOPTIC_THRESHOLD,
+                         crop: bool = True) -> List[Dict[str, Any]]:
+    """The original `PostProcessPanoptic`, per image, on the host (numpy).
+
+    Keeps queries whose max softmax over ALL C+1 logits exceeds `threshold` and whose argmax is
+    not "no object"; resamples their masks bilinearly to the processed size (h, w) (crop=True:
+    from the image's own grid region; crop=False: from the whole padded grid, as the original);
+    assigns each pixel to the query of highest softmax; merges stuff queries of one class into the
+    first; resizes the map to `orig_sizes` (default: the processed size) with PIL NEAREST; then,
+    while some segment has area <= 4 pixels, drops those and redoes the map WITHOUT the merge.
+
+    is_thing_map: {category_id: bool} or a callable; default `default_is_thing`.
+    Returns per image: `id_map` int32 [H0, W0] (segment id = index in `segments_info`; an image
+    with no kept query gives zeros and an empty list), `segments_info` [{id, isthing, category_id,
+    area}], and per segment its `scores` and `query_indices`.
+    """
+    if is_thing_map is None:
+        is_thing = default_is_thing
+    elif callable(is_thing_map):
+        is_thing = is_thing_map
+    else:
+        is_thing = is_thing_map.__getitem__
+    logits, masks = np.asarray(pred_logits, np.float32), np.asarray(pred_masks, np.float32)
+    image_sizes = np.asarray(image_sizes)
+    orig_sizes = image_sizes if orig_sizes is None else np.asarray(orig_sizes)
+    src, dst = _mask_regions(np, masks.shape[-2:], image_sizes, crop, "panoptic")
+    return [_panoptic_one(logits[b], masks[b], src[b], dst[b], orig_sizes[b], is_thing, threshold)
+            for b in range(len(logits))]

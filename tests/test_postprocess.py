@@ -1,0 +1,162 @@
+"""Post-processing: the original's PostProcess / PostProcessSegm / PostProcessPanoptic, exactly."""
+import io
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import reference_arrays, reference_path
+from detr_jax import postprocess as pp
+from detr_jax.labels import panoptic_is_thing
+
+FIXTURE_IS_THING = {i: i <= 90 for i in range(201)}  # the map the fixtures were made with
+PRED = ["pred_logits", "pred_boxes", "pred_masks", "image_sizes", "orig_sizes"]
+# (case, file with the inputs): batch inputs live only in the full fixture folder.
+CASES = [("single", "forward_single.npz"), ("synthetic", "postprocess_synthetic.npz"),
+         ("batch", "forward_batch.npz")]
+
+
+def _load(case, source):
+    inputs = reference_arrays(source, PRED)
+    with np.load(reference_path(f"postprocess_{case}.npz")) as data:
+        ref = {k: data[k] for k in data.files}
+    summary = json.loads(reference_path("summary.json").read_text())["postprocess"][case]
+    return inputs, ref, summary
+
+
+def _segm_reference(ref, i, width):
+    return np.unpackbits(ref[f"segm_masks_packbits_{i}"], axis=-1, count=width).astype(bool)
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[c for c, _ in CASES])
+def case(request):
+    return (request.param[0],) + _load(*request.param)
+
+
+def test_boxes_scores_labels(case):
+    _, x, ref, _ = case
+    results = pp.postprocess_boxes(x["pred_logits"], x["pred_boxes"], x["orig_sizes"])
+    for i, r in enumerate(results):
+        np.testing.assert_array_equal(r["labels"], ref["bbox_labels"][i])
+        np.testing.assert_allclose(r["scores"], ref["bbox_scores"][i], atol=1e-4)
+        np.testing.assert_allclose(r["boxes"], ref["bbox_boxes_xyxy"][i], atol=1e-4)
+
+
+def test_instance_masks_as_the_original(case):
+    """crop=False is the original on any batch; crop=True equals it on unpadded images."""
+    name, x, ref, _ = case
+    original = pp.postprocess_instance_masks(x["pred_masks"], x["image_sizes"], x["orig_sizes"], crop=False)
+    cropped = pp.postprocess_instance_masks(x["pred_masks"], x["image_sizes"], x["orig_sizes"])
+    grid = x["pred_masks"].shape[-2:]
+    for i, (size, orig) in enumerate(zip(x["image_sizes"], x["orig_sizes"])):
+        expected = _segm_reference(ref, i, orig[1])
+        assert original[i].dtype == bool and original[i].shape == expected.shape
+        np.testing.assert_array_equal(original[i], expected)
+        if tuple(pp.mask_grid_size(size)) == grid and (size == x["image_sizes"].max(0)).all():
+            np.testing.assert_array_equal(cropped[i], expected)
+
+
+def test_panoptic_as_the_original(case):
+    name, x, ref, summary = case
+    results = pp.postprocess_panoptic(x["pred_logits"], x["pred_masks"], x["image_sizes"], x["orig_sizes"],
+                                      is_thing_map=FIXTURE_IS_THING, crop=False)
+    for i, r in enumerate(results):
+        np.testing.assert_array_equal(r["id_map"], ref[f"panoptic_ids_{i}"])
+        assert r["segments_info"] == summary["images"][i]["segments_info"]
+        decoded = pp.png_to_ids(np.asarray(Image.open(io.BytesIO(ref[f"panoptic_png_{i}"].tobytes()))))
+        np.testing.assert_array_equal(pp.panoptic_to_png(r["id_map"]), pp.panoptic_to_png(decoded))
+        assert set(r["query_indices"]) <= set(ref[f"panoptic_threshold_kept_queries_{i}"])
+        scores, labels = pp.class_scores(jnp.asarray(x["pred_logits"][i]), include_no_object=True)
+        kept = np.flatnonzero((np.asarray(labels) != 250) & (np.asarray(scores) > 0.85))
+        np.testing.assert_array_equal(kept, ref[f"panoptic_threshold_kept_queries_{i}"])
+
+
+def test_panoptic_crop_equals_each_image_alone(case):
+    """crop=True on a padded batch = each image's own grid region post-processed on its own (and on
+    an unpadded single image the same as the original)."""
+    name, x, ref, summary = case
+    batch = pp.postprocess_panoptic(x["pred_logits"], x["pred_masks"], x["image_sizes"], x["orig_sizes"],
+                                    is_thing_map=FIXTURE_IS_THING)
+    masks = pp.postprocess_instance_masks(x["pred_masks"], x["image_sizes"], x["orig_sizes"])
+    for i, (size, orig) in enumerate(zip(x["image_sizes"], x["orig_sizes"])):
+        gh, gw = pp.mask_grid_size(size)
+        alone = [a[i:i + 1] for a in (x["pred_logits"], x["pred_masks"][:, :, :gh, :gw], x["image_sizes"],
+                                      x["orig_sizes"])]
+        single = pp.postprocess_panoptic(*alone[:2], *alone[2:], is_thing_map=FIXTURE_IS_THING, crop=False)[0]
+        np.testing.assert_array_equal(batch[i]["id_map"], single["id_map"])
+        assert batch[i]["segments_info"] == single["segments_info"]
+        single_masks = pp.postprocess_instance_masks(alone[1], alone[2], alone[3], crop=False)[0]
+        np.testing.assert_array_equal(masks[i], single_masks)
+
+
+def test_panoptic_corner_cases_of_the_synthetic_fixture():
+    x, ref, summary = _load("synthetic", "postprocess_synthetic.npz")
+    results = pp.postprocess_panoptic(x["pred_logits"], x["pred_masks"], x["image_sizes"], x["orig_sizes"],
+                                      crop=False)  # the default is_thing map agrees with the fixture's
+    areas = [s["area"] for s in results[0]["segments_info"]]
+    assert min(areas) == 5                                   # area 5 survives, <= 4 is dropped
+    assert not results[2]["segments_info"] and not results[2]["id_map"].any()  # nothing kept
+    assert len(results[0]["scores"]) == len(results[0]["segments_info"])
+
+
+def test_default_is_thing_agrees_with_the_fixture_map():
+    assert all(panoptic_is_thing(i) == v for i, v in FIXTURE_IS_THING.items())
+    assert pp.default_is_thing(1) and not pp.default_is_thing(184)
+
+
+def test_png_round_trip():
+    ids = np.array([[0, 1, 255], [256, 65535, 2 ** 24 - 1]])
+    rgb = pp.panoptic_to_png(ids)
+    assert rgb.dtype == np.uint8 and rgb.shape == (2, 3, 3)
+    np.testing.assert_array_equal(rgb[1, 0], [0, 1, 0])
+    np.testing.assert_array_equal(pp.png_to_ids(rgb), ids)
+    with pytest.raises(ValueError):
+        pp.panoptic_to_png(np.array([[2 ** 24]]))
+
+
+# ---------------------------------------------------------------- building blocks against PyTorch
+
+@pytest.mark.parametrize("grid, out", [((80, 121), (320, 481)), ((16, 24), (56, 96)), ((14, 21), (56, 81))])
+def test_resize_bilinear_is_torch_bit_exactly(grid, out):
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(0).normal(0, 5, (1, 3) + grid).astype(np.float32)
+    expected = torch.nn.functional.interpolate(torch.from_numpy(x), out, mode="bilinear",
+                                               align_corners=False).numpy()
+    padded = np.pad(x, ((0, 0), (0, 0), (0, 3), (0, 2)), constant_values=7.0)  # junk beyond the region
+    sizes, targets, out_hw = [grid], [out], (out[0] + 5, out[1] + 3)
+    on_host = pp.resize_bilinear(padded, sizes, targets, out_hw)
+    jitted = jax.jit(pp.resize_bilinear, static_argnums=3)(jnp.asarray(padded), jnp.asarray(sizes),
+                                                          jnp.asarray(targets), out_hw)
+    for got in (on_host, np.asarray(jitted)):
+        np.testing.assert_array_equal(got[:, :, :out[0], :out[1]], expected)
+
+
+def test_nearest_is_torch():
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(1).random((2, 37, 53)) > 0.5
+    for out in ((100, 150), (74, 106), (20, 30), (37, 53)):
+        expected = torch.nn.functional.interpolate(torch.from_numpy(x)[None].float(), out, mode="nearest")[0]
+        np.testing.assert_array_equal(pp.resize_nearest(x, out), expected.numpy().astype(bool))
+
+
+def test_softmax_argmax_replays_torch_on_near_ties():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    for k in (3, 16, 23, 40):
+        x = rng.normal(0, 0.3, (k, 64, 64)).astype(np.float32)
+        x[1] = x[0] + rng.integers(-2, 3, (64, 64)).astype(np.float32) * np.spacing(np.abs(x[0]))  # near ties
+        expected = torch.from_numpy(x.reshape(k, -1)).T.softmax(-1).argmax(-1).numpy().reshape(64, 64)
+        np.testing.assert_array_equal(pp._softmax_argmax(x), expected)
+
+
+def test_instance_masks_jit_with_traced_sizes():
+    """Sizes are data, not shapes: one compilation serves every image size of a mask grid."""
+    x = reference_arrays("postprocess_synthetic.npz", ["pred_masks", "image_sizes"])
+    out_hw = (64, 96)
+    traced = jax.jit(pp.instance_masks, static_argnames="out_hw")(x["pred_masks"], x["image_sizes"], out_hw=out_hw)
+    logits = pp.resize_bilinear(x["pred_masks"], pp.mask_grid_size(x["image_sizes"]), x["image_sizes"], out_hw)
+    np.testing.assert_array_equal(np.asarray(traced), np.asarray(jax.nn.sigmoid(logits)) > 0.5)
+    assert traced.shape == (3, 100) + out_hw and traced.dtype == bool
