@@ -71,13 +71,15 @@ class DETRModel:
         self.config = config
         self.variables = variables
         self.module = DETR(config)
-        self._apply = jax.jit(self.module.apply, static_argnames=("train", "padding_invariant"))
+        self._apply = jax.jit(self.module.apply, static_argnames=("train", "padding_invariant", "mask_queries"))
         self._apply_capture = jax.jit(functools.partial(self.module.apply, mutable=["intermediates"]),
                                       static_argnames=("train", "padding_invariant"))
 
-    def __call__(self, pixel_values, pixel_mask, *, padding_invariant: bool = True) -> Dict[str, Any]:
+    def __call__(self, pixel_values, pixel_mask, *, padding_invariant: bool = True,
+                 mask_queries: Optional[int] = None) -> Dict[str, Any]:
+        """`mask_queries=K` runs the mask head on the K best queries only (see detr_jax.models.detr)."""
         return self._apply(self.variables, jnp.asarray(pixel_values), jnp.asarray(pixel_mask, bool),
-                           padding_invariant=padding_invariant)
+                           padding_invariant=padding_invariant, mask_queries=mask_queries)
 
     def with_intermediates(self, pixel_values, pixel_mask, *, padding_invariant: bool = True):
         """(outputs, intermediates): backbone_layer1..4, feature_mask, position_embedding, projected, memory, decoder_hs, attention_maps."""

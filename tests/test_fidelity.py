@@ -108,3 +108,18 @@ def test_large_image_at_inference_size_matches_the_original(reference_model):
     masks = np.asarray(out["pred_masks"])[:, ref["pred_masks_query_indices"]]
     # stored as float16 (values up to ~10): fp16 rounding is ~5e-3 there
     assert_close(masks, ref["pred_masks"].astype(np.float32), "pred_masks (fp16 reference)", atol=1e-2, rtol=0)
+
+
+def test_mask_head_on_the_best_queries_only_is_exact_for_them(reference_model):
+    """`mask_queries=K`: the selected queries' masks equal the full run's, the others are skipped."""
+    pixel_values, pixel_mask = single_inputs()
+    full = reference_model(pixel_values, pixel_mask)
+    top = reference_model(pixel_values, pixel_mask, mask_queries=32)
+    kept = reference_arrays("postprocess_single.npz", ["panoptic_threshold_kept_queries_0"])
+    selected = np.asarray(top["mask_query_indices"][0])
+    assert set(kept["panoptic_threshold_kept_queries_0"]) <= set(selected)   # all 23 kept queries are in
+    assert float(top["mask_score_cutoff"][0]) < 0.85                         # ...and the model says so
+    assert_close(top["pred_masks"][0, selected], full["pred_masks"][0, selected], "selected masks")
+    others = np.setdiff1d(np.arange(100), selected)
+    assert (np.asarray(top["pred_masks"][0, others]) == -1e4).all()
+    np.testing.assert_array_equal(np.asarray(top["pred_logits"]), np.asarray(full["pred_logits"]))

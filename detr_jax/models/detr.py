@@ -10,6 +10,12 @@ Outputs (dict):
   pred_masks   [B, Q, H/4, W/4]          mask logits on the padded stride-4 grid (panoptic only)
   aux_outputs  list of dec_layers - 1 dicts with pred_logits / pred_boxes of earlier layers
 
+Masks of selected queries only (`mask_queries=K`, inference): the post-processors use only queries
+whose best real-class probability passes a threshold, so the mask head (most of the panoptic
+model's FLOPs) can run on the K best queries alone.  `pred_masks` keeps its [B, Q, ...] layout with
+`MASK_FILL` for the others, and `mask_score_cutoff` [B] gives the best score left out: when it
+passes the caller's threshold, run again with all queries (exact either way).
+
 Padding: with `padding_invariant=True` (the default) every image in a padded batch gives what it
 gives alone, unpadded: activations outside each image's valid region are zeroed after every
 backbone and mask-head layer, GroupNorm statistics skip the padding, and feature masks come from
@@ -21,6 +27,7 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from detr_jax.config import ModelConfig
@@ -29,6 +36,17 @@ from detr_jax.models.layers import image_sizes_from_mask, nearest_resize, valid_
 from detr_jax.models.position import sine_position_embedding
 from detr_jax.models.segmentation import MaskHeadSmallConv, MHAttentionMap
 from detr_jax.models.transformer import Transformer
+
+
+MASK_FILL = -1e4   # mask logit of queries skipped by `mask_queries` (sigmoid = 0)
+
+
+def select_mask_queries(logits: jnp.ndarray, k: int):
+    """Indices [B, k] of the queries with the best real-class probability (k < Q), and the best
+    score left out [B] (a query passes a threshold t only if it is selected or cutoff > t)."""
+    scores = jax.nn.softmax(logits, axis=-1)[..., :-1].max(axis=-1)
+    top, indices = jax.lax.top_k(scores, k + 1)
+    return indices[:, :k], top[:, k]
 
 
 class MLP(nn.Module):
@@ -60,7 +78,7 @@ class DETR(nn.Module):
 
     @nn.compact
     def __call__(self, pixel_values: jnp.ndarray, pixel_mask: jnp.ndarray, *, train: bool = False,
-                 padding_invariant: bool = True) -> Dict[str, Any]:
+                 padding_invariant: bool = True, mask_queries: Optional[int] = None) -> Dict[str, Any]:
         cfg = self.config
         dt = jnp.dtype(cfg.dtype)
         sizes = image_sizes_from_mask(pixel_mask) if padding_invariant else None
@@ -92,13 +110,22 @@ class DETR(nn.Module):
         if cfg.aux_loss:
             out["aux_outputs"] = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])]
         if cfg.masks:
-            attention = MHAttentionMap(cfg.hidden_dim, cfg.num_heads, dt, name="bbox_attention")(hs[-1], memory, valid)
+            queries = hs[-1]
+            selected = mask_queries is not None and mask_queries < cfg.num_queries
+            if selected:
+                indices, out["mask_score_cutoff"] = select_mask_queries(logits[-1], mask_queries)
+                queries = jnp.take_along_axis(queries, indices[..., None], axis=1)
+            attention = MHAttentionMap(cfg.hidden_dim, cfg.num_heads, dt, name="bbox_attention")(queries, memory, valid)
             self.sow("intermediates", "attention_maps", attention)
             mask_sizes = [feature_sizes[3], feature_sizes[2], feature_sizes[1], feature_sizes[0]] \
                 if padding_invariant else None
             masks = MaskHeadSmallConv(cfg.hidden_dim, cfg.num_heads, dt, name="mask_head")(
-                src, attention, [features[2], features[1], features[0]], mask_sizes)
-            out["pred_masks"] = masks.astype(jnp.float32)
+                src, attention, [features[2], features[1], features[0]], mask_sizes).astype(jnp.float32)
+            if selected:
+                full = jnp.full((b, cfg.num_queries, *masks.shape[2:]), MASK_FILL, jnp.float32)
+                masks = full.at[jnp.arange(b)[:, None], indices].set(masks)
+                out["mask_query_indices"] = indices
+            out["pred_masks"] = masks
         return out
 
 
