@@ -97,3 +97,18 @@ def reference_model(converted_dir):
     import detr_jax
 
     return detr_jax.load(converted_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> pathlib.Path:
+    """A randomly initialized `detr_tiny` checkpoint folder (fast tests of whole pipelines)."""
+    import jax
+
+    from detr_jax.checkpoint import save
+    from detr_jax.config import load_config
+    from detr_jax.models import init_variables
+
+    config = load_config("detr_tiny").model
+    path = tmp_path_factory.mktemp("tiny") / "detr_tiny"
+    save(path, config, init_variables(config, jax.random.PRNGKey(0)))
+    return path
