@@ -21,7 +21,130 @@ def add_convert_command(subparsers) -> None:
     p.set_defaults(run=lambda args, rest: __import__("detr_jax.convert", fromlist=["main"]).main(rest))
 
 
-COMMANDS = [add_convert_command]
+def add_predict_command(subparsers) -> None:
+    from detr_jax.config import DataConfig
+
+    p = subparsers.add_parser(
+        "predict", help="detect / segment objects in photos and write JSON, PNGs and COCO result files",
+        description="For each image: OUT/STEM.json (boxes xyxy in pixels, scores, labels, label_names; "
+                    "segments_info for panoptic models), OUT/STEM_panoptic.png (panoptic models: segment id = "
+                    "R + 256 G + 256^2 B, the ids of segments_info) and OUT/STEM_vis.png; for all images "
+                    "OUT/detections.json (COCO results), OUT/images.json (the image ids: int(stem) when every "
+                    "file stem is a number, as COCO's file names, else 1, 2, ... in input order) and "
+                    "OUT/panoptic.json (COCO panoptic predictions; the PNGs are in OUT).  Unreadable images are "
+                    "reported on stderr and leave no file; the exit code is then 1.")
+    p.add_argument("checkpoint", help="a detr-jax checkpoint folder (see `detr-jax convert`)")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
+    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="report detections whose score exceeds this (default: detr_jax.predict.DETECTION_THRESHOLD)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--short-side", type=int, default=DataConfig.short_side)
+    p.add_argument("--max-size", type=int, default=DataConfig.max_size)
+    p.add_argument("--no-vis", action="store_true", help="do not draw STEM_vis.png")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=lambda args, rest: run_predict(args))
+
+
+def run_predict(args) -> int:
+    from detr_jax.predict import DETECTION_THRESHOLD, Predictor, list_images, predict_to_folder
+
+    paths = list_images(args.images)
+    if not paths:
+        print("detr-jax predict: no images found in " + " ".join(args.images), file=sys.stderr)
+        return 2
+    predictor = Predictor(args.checkpoint, short_side=args.short_side, max_size=args.max_size,
+                          batch_size=args.batch_size,
+                          threshold=DETECTION_THRESHOLD if args.threshold is None else args.threshold)
+    summary = predict_to_folder(predictor, paths, args.out, progress=not args.no_progress, vis=not args.no_vis)
+    failed = summary["failed"]
+    print(f"detr-jax predict: {summary['written']} of {len(paths)} images written to {args.out} in "
+          f"{summary['seconds']:.1f} s ({summary['compilations']} compiled shapes)"
+          + (f"; {len(failed)} failed:" if failed else ""), file=sys.stderr)
+    for path, reason in failed:
+        print(f"  {path}: {reason}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def add_train_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train or fine-tune on COCO-format data (checkpoints and resume in --workdir)",
+        description="Data: --data COCO_ROOT [--split train2017] (panoptic annotations for panoptic configs), "
+                    "or --images DIR --annotations JSON [--panoptic-dir DIR].  The panoptic recipe: "
+                    "--stage detection, then --stage masks --init-from WORKDIR1/model.  Multi-host: "
+                    "--coordinator HOST:PORT --num-processes N --process-id I (or JAX_COORDINATOR_ADDRESS, "
+                    "JAX_NUM_PROCESSES, JAX_PROCESS_ID) on every host.")
+    p.add_argument("--config", required=True, help="configs/NAME.py by NAME, or a path to such a file")
+    p.add_argument("--data", help="COCO root: SPLIT/ images and annotations/")
+    p.add_argument("--split", default="train2017")
+    p.add_argument("--images", help="image folder (with --annotations)")
+    p.add_argument("--annotations", help="COCO detection or panoptic json")
+    p.add_argument("--panoptic-dir", help="folder of the panoptic PNGs (panoptic --annotations)")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, the final model/")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from the latest checkpoint in --workdir (default)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch over all devices and hosts")
+    p.add_argument("--stage", choices=("all", "detection", "masks"), help="default: the config's (all)")
+    p.add_argument("--init-from", help="a detr-jax checkpoint folder to start from (class head "
+                                       "re-initialized if the number of classes differs)")
+    p.add_argument("--num-classes", help="override the config's; 'auto' = the dataset's")
+    p.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
+    p.set_defaults(run=lambda args, rest: __import__("detr_jax.train", fromlist=["run"]).run(
+        args.config, args.workdir, num_classes=args.num_classes, batch_size=args.batch_size,
+        max_steps=args.max_steps, stage=args.stage, init_from=args.init_from, resume=args.resume,
+        coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
+        data=args.data, split=args.split, images=args.images, annotations=args.annotations,
+        panoptic_dir=args.panoptic_dir) and 0)
+
+
+def add_eval_command(subparsers) -> None:
+    from detr_jax.config import DataConfig
+
+    p = subparsers.add_parser(
+        "eval", help="box AP, mask AP and PQ of a checkpoint on a COCO or COCO-panoptic folder",
+        description="Runs the model over the images (every query a detection, as the original's evaluation), "
+                    "prints the results table and writes all numbers to a JSON file.  Ground truth: --data DIR "
+                    "--split SPLIT (DIR/SPLIT/ images, DIR/annotations/instances_SPLIT.json and/or "
+                    "panoptic_SPLIT.json with its PNG folder), or the explicit paths.")
+    p.add_argument("checkpoint", help="a detr-jax checkpoint folder")
+    p.add_argument("--data", help="a COCO root folder")
+    p.add_argument("--split", default="val2017")
+    p.add_argument("--images", help="the images folder (instead of --data)")
+    p.add_argument("--annotations", help="instances JSON (box / mask AP ground truth)")
+    p.add_argument("--panoptic-json", help="panoptic JSON (PQ ground truth)")
+    p.add_argument("--panoptic-dir", help="its PNG folder (default: the JSON path without .json)")
+    p.add_argument("--max-images", type=int, default=None, help="only the first N images (by image id)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--short-side", type=int, default=DataConfig.short_side)
+    p.add_argument("--max-size", type=int, default=DataConfig.max_size)
+    p.add_argument("--out", help="results JSON (default: CHECKPOINT/eval_SPLIT.json, or ./eval_SPLIT.json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=lambda args, rest: run_eval(args))
+
+
+def run_eval(args) -> int:
+    from detr_jax.eval_runner import default_output, evaluate_model, load_dataset, write_json
+    from detr_jax.evaluate import format_results
+
+    dataset = load_dataset(args.data, args.split, images=args.images, annotations=args.annotations,
+                           panoptic_json=args.panoptic_json, panoptic_dir=args.panoptic_dir)
+    results = evaluate_model(args.checkpoint, dataset, batch_size=args.batch_size, max_images=args.max_images,
+                             short_side=args.short_side, max_size=args.max_size, progress=not args.no_progress)
+    print(format_results(results))
+    out = args.out or default_output(args.checkpoint, args.split if args.data else "custom")
+    write_json(dict(results, checkpoint=str(args.checkpoint)), out)
+    failed = results["failed_images"]
+    print(f"{results['num_images']} images in {results['seconds']:.1f} s; results written to {out}"
+          + (f"; {len(failed)} images could not be read" if failed else ""), file=sys.stderr)
+    for image_id, reason in failed.items():
+        print(f"  image {image_id}: {reason}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = [add_convert_command, add_predict_command, add_train_command, add_eval_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
