@@ -234,7 +234,7 @@ class OriginalOutputs:
                                                            "pred_masks"])
         self.calls = []
 
-    def __call__(self, pixel_values, pixel_mask, *, padding_invariant=True):
+    def __call__(self, pixel_values, pixel_mask, *, padding_invariant=True, mask_queries=None):
         u8 = self.ref["image_resized_uint8_0"]
         h, w = u8.shape[:2]
         b, hp, wp = pixel_mask.shape
@@ -332,3 +332,17 @@ def test_padding_and_batch_mates_do_not_change_the_results(reference_model, chel
     assert_same_panoptic(mixed[0], unpadded[0], 0.9995, 10, "chelsea: mixed batch vs unpadded")
     for name, b, m in zip(("chelsea", "coffee"), bucket, mixed):
         assert_same_panoptic(m, b, 0.9995, 10, f"{name}: mixed batch vs bucket alone")
+
+
+@pytest.mark.parametrize("panoptic_threshold", [0.05, 0.5])
+def test_mask_head_on_the_best_queries_gives_the_same_results(tiny_checkpoint, panoptic_threshold):
+    """With a low threshold more than K queries pass and the Predictor reruns with all of them;
+    with a high one the K best suffice.  Either way the results equal the full mask head's."""
+    photos = [random_photo(5, 70, 90), random_photo(6, 64, 64)]
+    kwargs = dict(short_side=64, max_size=96, batch_size=2, threshold=0.0, panoptic_threshold=panoptic_threshold)
+    top = Predictor(tiny_checkpoint, mask_queries=3, **kwargs).predict(photos)
+    full = Predictor(tiny_checkpoint, mask_queries=None, **kwargs).predict(photos)
+    for a, b in zip(top, full):
+        np.testing.assert_array_equal(a["id_map"], b["id_map"])
+        assert [s["category_id"] for s in a["segments_info"]] == [s["category_id"] for s in b["segments_info"]]
+        np.testing.assert_array_equal(a["boxes"], b["boxes"])
