@@ -107,7 +107,8 @@ def inputs(batch: int, height: int, width: int):
 # ---------------------------------------------------------------------------------------------
 # One framework on one case (runs in a child process)
 # ---------------------------------------------------------------------------------------------
-def run_jax(case: ModelCase, repeats: int, padding_invariant: bool) -> Dict[str, object]:
+def run_jax(case: ModelCase, repeats: int, padding_invariant: bool, mask_queries: Optional[int] = None
+            ) -> Dict[str, object]:
     import functools
     import time
 
@@ -121,7 +122,9 @@ def run_jax(case: ModelCase, repeats: int, padding_invariant: bool) -> Dict[str,
     variables = jax.device_put(convert.convert_state_dict(sd, config))
     images, valid = inputs(case.batch, case.height, case.width)
     images, valid = jax.device_put(images), jax.device_put(valid)
-    apply = jax.jit(functools.partial(DETR(config).apply, padding_invariant=padding_invariant))
+    mask_queries = mask_queries if config.masks else None
+    apply = jax.jit(functools.partial(DETR(config).apply, padding_invariant=padding_invariant,
+                                      mask_queries=mask_queries))
     start = time.perf_counter()
     compiled = apply.lower(variables, images, valid).compile()
     compile_s = time.perf_counter() - start
@@ -132,7 +135,8 @@ def run_jax(case: ModelCase, repeats: int, padding_invariant: bool) -> Dict[str,
     timing["first_call_s"] = compile_s + timing["first_s"]
     timing["flops"] = float(cost.get("flops", 0.0)) if cost else None
     timing["config"] = f"{config.backbone}{'-DC5' if config.dilation else ''} " \
-                       f"{'panoptic' if config.masks else 'detection'}, padding_invariant={padding_invariant}"
+                       f"{'panoptic' if config.masks else 'detection'}, padding_invariant={padding_invariant}, " \
+                       f"mask_queries={mask_queries or 'all'}"
     return timing
 
 
@@ -211,7 +215,7 @@ def run_train_step(repeats: int) -> Dict[str, object]:
 
 
 def child(framework: str, case: str, repeats: int, threads: int, padding_invariant: bool,
-          size: str) -> Dict[str, object]:
+          size: str, mask_queries: Optional[int] = None) -> Dict[str, object]:
     n = common.limit_threads(threads)
     result: Dict[str, object] = {"framework": framework, "case": case, "threads": n}
     try:
@@ -223,7 +227,7 @@ def child(framework: str, case: str, repeats: int, threads: int, padding_invaria
             model_case = dataclasses.replace(MODEL_CASES[case], height=height, width=width)
             result["size"] = size
             if framework == "jax":
-                result.update(run_jax(model_case, repeats, padding_invariant))
+                result.update(run_jax(model_case, repeats, padding_invariant, mask_queries))
             else:
                 result.update(run_torch(model_case, repeats, framework == "torch_compile"))
         elif case == "pipeline":
@@ -247,6 +251,8 @@ def spawn(framework: str, case: str, args) -> Dict[str, object]:
         command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--only", framework, "--case", case,
                    "--repeats", str(args.repeats), "--threads", str(args.threads or 0), "--json-out", str(out),
                    "--padding-invariant", str(args.padding_invariant).lower(), "--size", args.size]
+        if args.mask_queries:
+            command += ["--mask-queries", str(args.mask_queries)]
         try:
             proc = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, cwd=REPO)
         except subprocess.TimeoutExpired:
@@ -299,6 +305,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--padding-invariant", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
                         help="detr-jax mode (true: the library default; false: the original's arithmetic)")
     parser.add_argument("--size", default=f"{HEIGHT}x{WIDTH}", help="HxW of the model cases' inputs")
+    parser.add_argument("--mask-queries", type=int, help="detr-jax: mask head on the K best queries (as the "
+                        "Predictor; same post-processed results as the full head)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per (case, framework) subprocess")
     parser.add_argument("--out", default="compare_torch.json", help="JSON file for all results")
     parser.add_argument("--only", choices=FRAMEWORKS, help=argparse.SUPPRESS)
@@ -307,7 +315,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     if args.only:
-        result = child(args.only, args.case, args.repeats, args.threads, args.padding_invariant, args.size)
+        result = child(args.only, args.case, args.repeats, args.threads, args.padding_invariant, args.size,
+                       args.mask_queries)
         pathlib.Path(args.json_out).write_text(json.dumps(result, indent=1))
         return 0
 
