@@ -1,0 +1,393 @@
+"""Training: the pure train step, its data-parallel (pmap) form, and the loop with checkpoints.
+
+    from detr_jax.config import load_config
+    from detr_jax.data.coco import CocoPanoptic
+    from detr_jax.train import train
+    result = train(load_config("detr_tiny"), "runs/tiny", CocoPanoptic(root, "train2017"))
+
+Parallelism: one `jax.pmap` over the local devices (built in `make_parallel_train_step` only);
+with several hosts (`initialize_distributed`) the same pmap spans every device, each host reads
+its own shard of the data (`Loader(shard_index=process_index, num_shards=process_count)`) and
+splits its batch over its devices.  `TrainConfig.batch_size` is the global batch.
+
+Host syncs: the only transfers in the loop are each step's batch (host to device, explicit in
+`shard_batch`) and, every `log_every` steps, the metrics of those steps (device to host); a
+non-finite loss found then stops training with an error naming the first bad step.
+
+Outputs in `workdir`: `checkpoints/<step>` (orbax, the last `keep_checkpoints`; `resume=True`
+continues exactly: same parameters, optimizer state, step, data order and dropout keys),
+`metrics.jsonl` (one row per log interval: every loss term and metric averaged over the interval,
+lr, grad norm, images/s), TensorBoard events when `tensorboardX` is installed, `config.json`, and
+`model/`, the final model as an inference checkpoint (`detr_jax.load`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from detr_jax import checkpoint, optim
+from detr_jax.config import Config, LossConfig, ModelConfig, to_json
+from detr_jax.data.loader import Loader
+from detr_jax.data.transforms import TrainTransform
+from detr_jax.losses import set_criterion
+from detr_jax.models.detr import DETR, init_variables
+from detr_jax.train_state import Checkpoints, TrainState, create_train_state, load_pretrained
+
+log = logging.getLogger(__name__)
+AXIS = "batch"              # the pmap axis: gradients and metrics are averaged over it
+MODEL_INPUTS = ("pixel_values", "pixel_mask")
+TARGETS = ("labels", "boxes", "valid")
+EvalFn = Callable[[Dict[str, Any], int], Optional[Dict[str, float]]]
+
+
+# ------------------------------------------------------------------------------------------------
+# The step
+# ------------------------------------------------------------------------------------------------
+def stage_configs(config: Config) -> tuple[ModelConfig, LossConfig]:
+    """The model and loss configs a training stage runs (the panoptic recipe and mixed precision)."""
+    model, loss, stage = config.model, config.loss, config.train.stage
+    if stage == "detection":
+        model, loss = dataclasses.replace(model, masks=False), dataclasses.replace(loss, masks=False)
+    elif stage == "masks":
+        model, loss = dataclasses.replace(model, masks=True), dataclasses.replace(loss, masks=True)
+    if config.train.mixed_precision:
+        model = dataclasses.replace(model, dtype="bfloat16")
+    return model, loss
+
+
+def make_train_step(model: DETR, loss_config: LossConfig, optimizer: optax.GradientTransformation,
+                    lr_schedule: optax.Schedule, trainable: Dict[str, Any], *, padding_invariant: bool = True,
+                    axis_name: Optional[str] = AXIS) -> Callable:
+    """`train_step(state, batch, rng) -> (state, metrics)`, pure; `axis_name=None` outside pmap.
+
+    batch: pixel_values [B, H, W, 3], pixel_mask [B, H, W], labels [B, M], boxes [B, M, 4],
+    valid [B, M] and, with mask losses, masks [B, M, H, W].  rng: the run's base key (uint32 [2]);
+    dropout draws from `fold_in(fold_in(rng, step), device index)`.  metrics: every term of
+    `set_criterion`, `grad_norm` (trainable gradients, before clipping) and `lr`, averaged over
+    the devices.
+    """
+
+    def train_step(state: TrainState, batch: Dict[str, jnp.ndarray], rng: jnp.ndarray):
+        rng = jax.random.fold_in(rng, state.step)
+        if axis_name is not None:
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+        targets = {k: batch[k] for k in TARGETS + (("masks",) if loss_config.masks else ())}
+
+        def loss_fn(params):
+            outputs = model.apply({"params": params, "buffers": state.buffers}, batch["pixel_values"],
+                                  batch["pixel_mask"], train=True, padding_invariant=padding_invariant,
+                                  rngs={"dropout": rng})
+            terms = set_criterion(outputs, targets, loss_config, axis_name=axis_name)
+            return terms["loss"], terms
+
+        grads, terms = jax.grad(loss_fn, has_aux=True)(state.params)
+        if axis_name is not None:
+            grads, terms = jax.lax.pmean((grads, terms), axis_name)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                                  opt_state=opt_state)
+        trained = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
+        metrics = dict(terms, grad_norm=optax.tree.norm(trained), lr=lr_schedule(state.step))
+        return new_state, metrics
+
+    return train_step
+
+
+def make_parallel_train_step(train_step: Callable) -> Callable:
+    """The data-parallel step: pmap over `AXIS` (every device of every host), state donated.
+
+    Arguments and results carry a leading axis of the local device count: the state and rng
+    replicated (`replicate`), the batch split (`shard_batch`).
+    """
+    return jax.pmap(train_step, axis_name=AXIS, donate_argnums=(0,))
+
+
+def replicate(tree: Any) -> Any:
+    """Host arrays -> a leading local-device axis with one copy per device (numpy, for pmap)."""
+    n = jax.local_device_count()
+    return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x)[None], (n,) + np.shape(x)), tree)
+
+
+def unreplicate(tree: Any) -> Any:
+    """The first local copy of a replicated pmap result, as host numpy arrays (a device-to-host copy)."""
+    return jax.device_get(jax.tree.map(lambda x: x.addressable_data(0)[0], tree))
+
+
+def shard_batch(batch: Dict[str, np.ndarray], keys) -> Dict[str, np.ndarray]:
+    """This host's batch `[B, ...]` -> `[devices, B / devices, ...]` for the keys the step uses."""
+    n = jax.local_device_count()
+    b = batch["pixel_values"].shape[0]
+    if b % n:
+        raise ValueError(f"a host batch of {b} images does not split over {n} local devices")
+    return {k: batch[k].reshape((n, b // n) + batch[k].shape[1:]) for k in keys}
+
+
+def pad_to_common_shape(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Multi-host: pad every host's batch to the largest image bucket of this step (one small
+    cross-host gather), as one pmap needs the same shapes everywhere."""
+    from jax.experimental import multihost_utils
+
+    hw = np.asarray(batch["pixel_values"].shape[1:3], np.int32)
+    target = np.max(multihost_utils.process_allgather(hw), axis=0)
+    if tuple(target) == tuple(hw):
+        return batch
+    out = dict(batch)
+    for key, axes in (("pixel_values", (1, 2)), ("pixel_mask", (1, 2)), ("masks", (2, 3))):
+        if key in batch:
+            pad = [(0, 0)] * batch[key].ndim
+            pad[axes[0]], pad[axes[1]] = (0, int(target[0] - hw[0])), (0, int(target[1] - hw[1]))
+            out[key] = np.pad(batch[key], pad)
+    return out
+
+
+def nonfinite_error(history: List[Dict[str, float]]) -> Optional[FloatingPointError]:
+    """An error naming the first step whose loss is not finite, or None."""
+    for row in history:
+        if not np.isfinite(row["loss"]):
+            bad = sorted(k for k, v in row.items() if k != "step" and not np.isfinite(v))
+            return FloatingPointError(f"non-finite loss {row['loss']} at step {row['step']} (the update of "
+                                      f"step {row['step']} is the first bad one; non-finite terms: {bad}); "
+                                      f"lower the lr, check the data, or resume from an earlier checkpoint")
+    return None
+
+
+def initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None) -> None:
+    """`jax.distributed.initialize` from the arguments or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES
+    / JAX_PROCESS_ID; nothing when neither gives a coordinator (a single-host run)."""
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+    if not coordinator_address:
+        return
+    num_processes = num_processes if num_processes is not None else int(env["JAX_NUM_PROCESSES"])
+    process_id = process_id if process_id is not None else int(env["JAX_PROCESS_ID"])
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices only; harmless elsewhere
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
+# ------------------------------------------------------------------------------------------------
+# Logging
+# ------------------------------------------------------------------------------------------------
+class MetricsWriter:
+    """Rows to `workdir/metrics.jsonl` (and TensorBoard when tensorboardX is importable), process 0 only."""
+
+    def __init__(self, workdir: pathlib.Path, resume_step: int, enabled: bool):
+        self.path, self.enabled, self.tb = workdir / "metrics.jsonl", enabled, None
+        if not enabled:
+            return
+        if self.path.exists():  # rows after the resumed step belong to a run that was cut off
+            rows = [r for r in self.path.read_text().splitlines() if r.strip()]
+            kept = [r for r in rows if json.loads(r).get("step", 0) <= resume_step]
+            self.path.write_text("".join(r + "\n" for r in kept))
+        try:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+        except ImportError:
+            pass
+
+    def write(self, row: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def summarize(history: List[Dict[str, float]], seconds: float, global_batch: int) -> Dict[str, Any]:
+    """One logged row: the mean of every metric over the interval, the last lr, images/s."""
+    row = {k: float(np.mean([h[k] for h in history])) for k in history[-1] if k not in ("step", "lr")}
+    return dict(step=int(history[-1]["step"]) + 1, lr=float(history[-1]["lr"]), **row,
+                images_per_s=len(history) * global_batch / max(seconds, 1e-9))
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------------
+def make_loader(train_data, config: Config) -> Loader:
+    """A training Loader of this host's shard; `train_data` may already be one (used as is)."""
+    if isinstance(train_data, Loader):
+        return train_data
+    batch, hosts = config.train.batch_size, jax.process_count()
+    if batch % (hosts * jax.local_device_count()):
+        raise ValueError(f"batch_size {batch} must split over {hosts} hosts x {jax.local_device_count()} devices")
+    return Loader(train_data, batch // hosts, TrainTransform(config.data), seed=config.train.seed,
+                  num_workers=config.train.num_workers, shard_index=jax.process_index(), num_shards=hosts,
+                  config=config.data)
+
+
+def run_keys(seed: int):
+    """(key of the parameter initialization, base key of the dropout draws) of a run."""
+    return tuple(jax.random.split(jax.random.PRNGKey(seed)))
+
+
+def initial_state(config: Config, model_config: ModelConfig, optimizer, init_from, rng) -> TrainState:
+    variables = jax.tree.map(np.asarray, init_variables(dataclasses.replace(model_config, dtype="float32"), rng))
+    if init_from is not None:
+        variables = load_pretrained(init_from, variables, model_config)
+    elif config.train.stage == "masks":
+        log.warning("stage 'masks' without init_from: the detector is random; give the stage-1 checkpoint")
+    return create_train_state(variables, optimizer)
+
+
+def train(config: Config, workdir, train_data, *, resume: bool = True, max_steps: Optional[int] = None,
+          init_from=None, eval_fn: Optional[EvalFn] = None, eval_every: Optional[int] = None,
+          progress: bool = True) -> Dict[str, Any]:
+    """Train `config` on `train_data` (a `data.coco` dataset or a `Loader`) in `workdir`.
+
+    resume: continue from the latest checkpoint in `workdir` (init_from is then ignored); False
+    with checkpoints present is an error.  max_steps: overrides the config's steps.  init_from: a
+    detr-jax checkpoint folder to start from (fine-tuning, or stage 2 of the panoptic recipe).
+    eval_fn(variables, step) -> metrics dict: called every `eval_every` steps and at the end.
+    Returns {"state": TrainState (host), "metrics": the last logged row, "steps": steps run here}.
+    """
+    workdir = pathlib.Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    tc, primary = config.train, jax.process_index() == 0
+    model_config, loss_config = stage_configs(config)
+    loader = make_loader(train_data, config)
+    total = max_steps or tc.max_steps or tc.epochs * loader.steps_per_epoch
+    init_rng, step_rng = run_keys(tc.seed)
+    abstract_params = jax.eval_shape(DETR(model_config).init, init_rng, jnp.zeros((1, 64, 64, 3)),
+                                     jnp.ones((1, 64, 64), bool))["params"]
+    optimizer = optim.make_optimizer(abstract_params, tc, loader.steps_per_epoch)
+    checkpoints = Checkpoints(workdir, tc.keep_checkpoints)
+    latest = checkpoints.latest_step()
+    if latest is not None and not resume:
+        raise FileExistsError(f"{checkpoints.directory} holds checkpoints (latest step {latest}): resume, or "
+                              f"use another workdir")
+    state = initial_state(config, model_config, optimizer, None if latest else init_from, init_rng)
+    if latest is not None:
+        state = checkpoints.restore(latest, state)
+        log.warning("resumed from %s/%d", checkpoints.directory, latest)
+    start = int(state.step)
+    if primary:
+        (workdir / "config.json").write_text(to_json(config))
+        log.warning("training %s (stage %s) steps %d..%d on %d devices x %d hosts; parameters %s",
+                    config.name, tc.stage, start, total, jax.local_device_count(), jax.process_count(),
+                    optim.count_by_label(state.params, tc))
+
+    step_fn = make_train_step(DETR(model_config), loss_config, optimizer,
+                              optim.lr_schedule(tc.lr, tc, loader.steps_per_epoch),
+                              optim.trainable_mask(state.params, tc), padding_invariant=tc.padding_invariant)
+    p_train_step = make_parallel_train_step(step_fn)
+    keys = MODEL_INPUTS + TARGETS + (("masks",) if loss_config.masks else ())
+    device_state, device_rng = replicate(state), replicate(step_rng)
+    writer = MetricsWriter(workdir, start, primary)
+    meta = {"config": json.loads(to_json(config)), "model": model_config.to_dict()}
+    pending: List[tuple] = []  # (step, metrics on the devices)
+    last_row: Dict[str, Any] = {}
+    tick = time.perf_counter()
+
+    def flush() -> None:  # the host sync: metrics of the steps since the last one
+        nonlocal tick, last_row
+        if not pending:
+            return
+        history = [dict(row, step=s) for s, row in jax.device_get(
+            [(s, jax.tree.map(lambda x: x.addressable_data(0)[0], m)) for s, m in pending])]
+        pending.clear()
+        error = nonfinite_error(history)
+        if error is not None:
+            raise error
+        last_row = summarize(history, time.perf_counter() - tick, tc.batch_size)
+        writer.write(last_row)
+        bar.set_postfix(loss=f"{last_row['loss']:.4f}", img_s=f"{last_row['images_per_s']:.1f}")
+        tick = time.perf_counter()
+
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=start, disable=not (progress and primary), desc=config.name, unit="step")
+    batches: Iterator[Dict[str, np.ndarray]] = loader.iterate(start_step=start)
+    try:
+        for step in range(start, total):
+            batch = next(batches)
+            if jax.process_count() > 1:
+                batch = pad_to_common_shape(batch)
+            device_state, metrics = p_train_step(device_state, shard_batch(batch, keys), device_rng)
+            pending.append((step, metrics))
+            bar.update(1)
+            done = step + 1
+            if done % tc.log_every == 0 or done == total:
+                flush()
+            if done % tc.save_every == 0 or done == total:
+                flush()  # never save a state whose loss went non-finite
+                checkpoints.save(unreplicate(device_state), dict(meta, metrics=last_row))
+            if eval_fn is not None and ((eval_every and done % eval_every == 0) or done == total):
+                host = unreplicate(device_state)
+                result = eval_fn({"params": host.params, "buffers": host.buffers}, done)
+                if result:
+                    writer.write(dict(step=done, **{f"eval/{k}": v for k, v in result.items()}))
+        state = unreplicate(device_state)
+        export_model_config = dataclasses.replace(model_config, dtype=config.model.dtype)
+        checkpoint.save(workdir / "model", export_model_config, {"params": state.params, "buffers": state.buffers},
+                        source=f"detr-jax train {config.name} stage {tc.stage} step {int(state.step)}")
+    finally:
+        bar.close()
+        writer.close()
+        checkpoints.wait()
+        checkpoints.close()
+    return {"state": state, "metrics": last_row, "steps": total - start}
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry point of `detr-jax train`
+# ------------------------------------------------------------------------------------------------
+def build_dataset(config: Config, data=None, split: str = "train2017", images=None, annotations=None,
+                  panoptic_dir=None):
+    """The training dataset: a COCO root and split, or an image folder with its annotation json.
+
+    Panoptic annotations (a panoptic config with a COCO root, or `panoptic_dir` given) give
+    `CocoPanoptic`, whose boxes come from the segments (stage 1 of the panoptic recipe);
+    otherwise `CocoDetection`, with instance masks when the mask losses are on.
+    """
+    from detr_jax.data.coco import CocoDetection, CocoPanoptic
+
+    _, loss_config = stage_configs(config)
+    if data is not None:
+        if config.model.masks:
+            return CocoPanoptic(data, split)
+        return CocoDetection(data, split, return_masks=loss_config.masks)
+    if images is None or annotations is None:
+        raise ValueError("give --data COCO_ROOT, or --images DIR and --annotations JSON")
+    if panoptic_dir is not None:
+        return CocoPanoptic(images_dir=images, ann_file=annotations, png_dir=panoptic_dir)
+    return CocoDetection(images_dir=images, ann_file=annotations, return_masks=loss_config.masks)
+
+
+def run(config_name: str, workdir, *, num_classes=None, batch_size=None, max_steps=None, stage=None,
+        init_from=None, resume=True, coordinator_address=None, num_processes=None, process_id=None,
+        **data_args) -> Dict[str, Any]:
+    """`detr-jax train`: load the config, apply the overrides, join the hosts, build the data, train.
+
+    num_classes: an int, or "auto" for the dataset's (fine-tuning on another label set).
+    """
+    from detr_jax.config import load_config
+
+    initialize_distributed(coordinator_address, num_processes, process_id)
+    config = load_config(config_name)
+    overrides = {k: v for k, v in (("batch_size", batch_size), ("max_steps", max_steps), ("stage", stage))
+                 if v is not None}
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, **overrides))
+    dataset = build_dataset(config, **data_args)
+    if num_classes is not None:
+        n = dataset.num_classes if num_classes == "auto" else int(num_classes)
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, num_classes=n))
+    if dataset.num_classes > config.model.num_classes:
+        raise ValueError(f"the dataset's labels need num_classes >= {dataset.num_classes}, the config has "
+                         f"{config.model.num_classes}; pass --num-classes auto to fine-tune on it")
+    return train(config, workdir, dataset, resume=resume, init_from=init_from)
