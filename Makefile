@@ -16,6 +16,9 @@ install: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+demo: $(VENV)/.installed
+	$(VENV)/bin/detr-jax demo --workdir demo
+
 bench: $(VENV)/.installed
 	$(PY) bench/bench_forward.py
 

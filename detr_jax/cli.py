@@ -144,7 +144,26 @@ def run_eval(args) -> int:
     return 0
 
 
-COMMANDS = [add_convert_command, add_predict_command, add_train_command, add_eval_command]
+def add_demo_command(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="generate synthetic data, train a small panoptic DETR, evaluate, draw",
+                              description="The embedded default job (see detr_jax/demo.py); resumes if interrupted.")
+    p.add_argument("--workdir", default="demo", help="data, checkpoints, metrics and pictures go here")
+    p.add_argument("--max-steps", type=int, help="train steps (default: configs/demo.py)")
+    p.add_argument("--no-progress", action="store_true")
+
+    def run(args, rest) -> int:
+        import logging
+
+        from detr_jax.demo import run_demo
+
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        run_demo(args.workdir, max_steps=args.max_steps, progress=not args.no_progress)
+        return 0
+
+    p.set_defaults(run=run)
+
+
+COMMANDS = [add_convert_command, add_predict_command, add_train_command, add_eval_command, add_demo_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

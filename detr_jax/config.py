@@ -117,6 +117,8 @@ class TrainConfig:
     lr: float = 1e-4
     lr_backbone: float = 1e-5       # parameters under `backbone/`
     weight_decay: float = 1e-4      # decoupled (AdamW), on every trainable parameter
+    adam_eps: float = 1e-8          # AdamW epsilon (PyTorch's default); small-gradient parameters such as
+                                    # bbox_attention need less under strong clipping (see configs/demo.py)
     clip_max_norm: float = 0.1      # global norm of the trainable gradients; 0 disables
     lr_drop_epochs: int = 200       # the lr is multiplied by lr_drop_factor from this epoch on ...
     lr_drop_step: Optional[int] = None  # ... or from this step, when given

@@ -76,7 +76,8 @@ def make_optimizer(params: Dict[str, Any], config: TrainConfig,
     labels = param_labels(params, config)
     frozen = jax.tree.map(lambda label: label == FROZEN, labels)
     adamw: Callable[[float], optax.GradientTransformation] = lambda lr: optax.adamw(  # noqa: E731
-        lr_schedule(lr, config, steps_per_epoch), b1=0.9, b2=0.999, eps=1e-8, weight_decay=config.weight_decay)
+        lr_schedule(lr, config, steps_per_epoch), b1=0.9, b2=0.999, eps=config.adam_eps,
+        weight_decay=config.weight_decay)
     return optax.chain(
         optax.masked(optax.set_to_zero(), frozen),   # so that clipping sees trainable gradients only
         optax.clip_by_global_norm(config.clip_max_norm) if config.clip_max_norm > 0 else optax.identity(),

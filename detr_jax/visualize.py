@@ -75,14 +75,22 @@ def draw_predictions(image: np.ndarray, boxes: Optional[np.ndarray] = None, labe
                      scores: Optional[Sequence[float]] = None, *, names: Optional[Sequence[str]] = None,
                      dataset: str = "coco", id_map: Optional[np.ndarray] = None,
                      segments_info: Optional[Sequence[Mapping]] = None, colors: Optional[Sequence[Color]] = None,
-                     alpha: float = 0.5, font_size: Optional[int] = None) -> np.ndarray:
+                     alpha: float = 0.5, font_size: Optional[int] = None,
+                     categories: Optional[Mapping[int, Mapping]] = None) -> np.ndarray:
     """Draw panoptic segments (translucent fill + contours + stuff names) and labelled boxes.
 
     image: uint8 [H, W, 3].  boxes [N, 4] xyxy pixels with `labels` [N] (ids in `dataset`, "coco" or
     "coco_panoptic") or `names` [N], and optional `scores` [N] shown as "name 0.93".  `colors` [N]
     overrides the box colours.  id_map [H, W] with `segments_info` [{id, category_id, isthing}]:
-    only ids listed there are drawn.  Returns a new uint8 [H, W, 3].
+    only ids listed there are drawn.  `categories` {id: {"name", "color"}} replaces the dataset's
+    names and colours (e.g. a custom or synthetic dataset).  Returns a new uint8 [H, W, 3].
     """
+    def color_of(cat: int) -> Color:
+        return tuple(categories[cat]["color"]) if categories and cat in categories else category_color(cat)
+
+    def name_of(cat: int, ds: str) -> str:
+        return categories[cat]["name"] if categories and cat in categories else label_name(cat, ds)
+
     height, width = image.shape[:2]
     scale = min(height, width)
     font = _font(font_size or max(11, round(scale / 32)))
@@ -97,13 +105,13 @@ def draw_predictions(image: np.ndarray, boxes: Optional[np.ndarray] = None, labe
             if not inside.any():
                 continue
             cat = int(seg["category_id"])
-            color = _shade(category_color(cat), seen.get(cat, 0))
+            color = _shade(color_of(cat), seen.get(cat, 0))
             seen[cat] = seen.get(cat, 0) + 1
             out[inside] = (1 - alpha) * out[inside] + alpha * np.asarray(color, np.float32)
             if not seg.get("isthing", True):  # things are named by their boxes; stuff at its centre
                 ys, xs = np.nonzero(inside)
                 k = np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2)
-                tags.append(((xs[k], ys[k]), label_name(cat, "coco_panoptic").replace("-merged", ""), color))
+                tags.append(((xs[k], ys[k]), name_of(cat, "coco_panoptic").replace("-merged", ""), color))
         known = np.isin(id_map, [s["id"] for s in segments_info])
         edge = _boundaries(np.where(known, id_map, -1), max(1, line // 2)) & known
         out[edge] = 0.4 * out[edge] + 0.6 * 255
@@ -117,8 +125,8 @@ def draw_predictions(image: np.ndarray, boxes: Optional[np.ndarray] = None, labe
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         for i, (x0, y0, x1, y1) in enumerate(boxes):
             label = None if labels is None else int(labels[i])
-            name = names[i] if names is not None else label_name(label, dataset) if label is not None else ""
-            color = tuple(colors[i]) if colors is not None else category_color(label) if label is not None \
+            name = names[i] if names is not None else name_of(label, dataset) if label is not None else ""
+            color = tuple(colors[i]) if colors is not None else color_of(label) if label is not None \
                 else (255, 200, 0)
             draw.rectangle([x0, y0, x1, y1], outline=color + (255,), width=line)
             text = f"{name} {float(scores[i]):.2f}" if scores is not None else name

@@ -220,6 +220,17 @@ def test_resume_false_refuses_a_workdir_with_checkpoints(overfit, dataset):
         train(overfit["config"], overfit["workdir"], dataset, resume=False)
 
 
+@pytest.mark.slow  # shares one 300-step run; compiling the step takes 1-6 min on a busy CPU
+def test_resuming_a_finished_run_trains_nothing_and_exports_the_same_model(overfit, dataset):
+    import detr_jax
+
+    exported = detr_jax.load(overfit["workdir"] / "model").variables
+    result = train(overfit["config"], overfit["workdir"], dataset, resume=True, progress=False)
+    assert result["steps"] == 0 and int(result["state"].step) == OVERFIT_STEPS
+    again = detr_jax.load(overfit["workdir"] / "model").variables
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(again)))
+
+
 def test_cli_train_parses_into_the_library_call(monkeypatch):
     from detr_jax import cli, train as train_module
 

@@ -1,0 +1,41 @@
+"""`detr-jax demo` end to end, shortened: every file it promises exists and is valid."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from detr_jax import cli
+from detr_jax.demo import run_demo
+
+SMALL = dict(num_train=16, num_val=4, image_size=(128, 128), seed=0)
+
+
+@pytest.mark.slow  # compiles the demo's train step and model (about a minute on 2 cores)
+def test_short_demo_writes_data_checkpoints_metrics_and_pictures(tmp_path, capsys):
+    metrics = run_demo(tmp_path, max_steps=3, num_pictures=2, dataset_args=SMALL, progress=False)
+    for split in ("train2017", "val2017"):
+        assert len(list((tmp_path / "data" / split).iterdir())) == SMALL[f"num_{split[:-4]}"]
+        assert (tmp_path / "data" / "annotations" / f"panoptic_{split}.json").exists()
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["num_images"] == 4 and set(saved) >= {"bbox", "segm", "panoptic"}
+    for value in [saved["bbox"]["AP"], saved["segm"]["AP"], saved["panoptic"]["All"]["pq"]]:
+        assert 0.0 <= value <= 1.0
+    assert metrics["panoptic"]["All"]["n"] == 6                     # 3 thing + 3 stuff categories
+    rows = [json.loads(line) for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3 and np.isfinite(rows[-1]["loss"])
+    import detr_jax
+
+    assert detr_jax.load(tmp_path / "train" / "model").config.num_classes == 7
+    pictures = sorted((tmp_path / "pictures").glob("val_*.png"))
+    assert len(pictures) == 2
+    with Image.open(pictures[0]) as picture:
+        assert picture.mode == "RGB" and picture.width > 2 * 128 * 3 and picture.height > 128 * 3
+    out = capsys.readouterr().out
+    assert "PQ" in out and str(tmp_path / "pictures") in out
+
+    # interrupted or repeated: the demo resumes from its checkpoint instead of starting over
+    code = cli.main(["demo", "--workdir", str(tmp_path), "--max-steps", "3", "--no-progress"])
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3
