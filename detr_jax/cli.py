@@ -89,7 +89,8 @@ def add_train_command(subparsers) -> None:
     p.add_argument("--init-from", help="a detr-jax checkpoint folder to start from (class head "
                                        "re-initialized if the number of classes differs)")
     p.add_argument("--num-classes", help="override the config's; 'auto' = the dataset's")
-    p.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0")
+    p.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0, or 'auto' where JAX detects "
+                                          "the cluster (SLURM, Cloud TPU pods)")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
     p.set_defaults(run=lambda args, rest: __import__("detr_jax.train", fromlist=["run"]).run(

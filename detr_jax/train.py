@@ -166,10 +166,14 @@ def nonfinite_error(history: List[Dict[str, float]]) -> Optional[FloatingPointEr
 def initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                            process_id: Optional[int] = None) -> None:
     """`jax.distributed.initialize` from the arguments or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES
-    / JAX_PROCESS_ID; nothing when neither gives a coordinator (a single-host run)."""
+    / JAX_PROCESS_ID; nothing when neither gives a coordinator (a single-host run).  "auto": let JAX
+    detect the cluster (SLURM, Cloud TPU pods, ...) from its environment."""
     env = os.environ
     coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
     if not coordinator_address:
+        return
+    if coordinator_address == "auto":
+        jax.distributed.initialize()
         return
     num_processes = num_processes if num_processes is not None else int(env["JAX_NUM_PROCESSES"])
     process_id = process_id if process_id is not None else int(env["JAX_PROCESS_ID"])
