@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
-import statistics
+import pathlib
 import sys
-import time
 
 import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 
 def random_variables(config, seed=0):
@@ -48,7 +48,6 @@ def random_variables(config, seed=0):
 def recipe_variables(config):
     """The converted reference recipe, or None when the fixture folder is absent."""
     import importlib.util
-    import pathlib
 
     folder = pathlib.Path(os.environ.get("DETR_REFERENCE_DIR", pathlib.Path(__file__).resolve().parents[2]
                                          / "shared" / "fixtures" / "detr_reference"))
@@ -75,30 +74,14 @@ def run_case(config_name: str, batch: int, height: int, width: int, repeats: int
     model = DETRModel(config, variables if variables is not None else random_variables(config))
     x = np.random.default_rng(0).standard_normal((batch, height, width, 3)).astype(np.float32)
     mask = np.ones((batch, height, width), bool)
-    run = lambda: jax.block_until_ready(model(x, mask, mask_queries=mask_queries))  # noqa: E731
-    start = time.perf_counter()
-    run()
-    first_call = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
+    timing = common.time_calls(lambda: jax.block_until_ready(model(x, mask, mask_queries=mask_queries)), repeats)
     flops = model._apply.lower(model.variables, x, mask, mask_queries=mask_queries).compile().cost_analysis()
     flops = flops[0] if isinstance(flops, list) else flops
     return {"config": config_name, "batch": batch, "mask_queries": mask_queries, "hw": [height, width], "weights": weights,
-            "compile_s": first_call - statistics.median(times), "median_s": statistics.median(times),
-            "min_s": min(times), "max_s": max(times), "repeats": repeats,
+            "compile_s": timing["first_s"] - timing["median_s"], "median_s": timing["median_s"],
+            "min_s": timing["min_s"], "max_s": timing["max_s"], "repeats": repeats,
             "gflops": float(flops.get("flops", float("nan"))) / 1e9,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    import jax
-
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, jax {jax.__version__}"
+            "peak_rss_mb": common.peak_rss_mb()}
 
 
 def main() -> None:
@@ -112,7 +95,9 @@ def main() -> None:
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args()
     result = run_case(args.config, args.batch, args.height, args.width, args.repeats, args.mask_queries)
-    print(f"machine: {machine()}")
+    m = common.machine()
+    print(f"machine: {m['cpu']}, {m['cores']} cores, load {m['load_avg_1m']:.1f}, Python {m['python']}, "
+          f"jax {m['jax']}")
     print(f"command: python {' '.join(sys.argv)}")
     print("| model | input | mask queries | weights | compile s | median s | min-max s | GFLOPs | peak RSS MB |")
     print("|---|---|---:|---|---:|---:|---|---:|---:|")

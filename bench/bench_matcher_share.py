@@ -11,23 +11,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
+import pathlib
 import sys
 import tempfile
-import time
 
 import jax
-import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 
 def median_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of `fn` (blocked on its result) after a first, compiling call."""
+    return common.time_calls(lambda: jax.block_until_ready(fn()), repeats)["median_s"]
 
 
 def run(config_name: str, batch_size: int, repeats: int) -> dict:
