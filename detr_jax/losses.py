@@ -117,23 +117,48 @@ def upsample_masks(masks: Array, size) -> Array:
     return jax.image.resize(masks, shape, method="bilinear", antialias=False)
 
 
+MASK_LOSS_CHUNK = 10   # target slots whose upsampled masks are live at once in the mask losses
+
+
+def _chunk_size(total: int, limit: int) -> int:
+    """The largest divisor of `total` that is at most `limit` (at least 1)."""
+    return max(d for d in range(1, max(min(total, limit), 1) + 1) if total % d == 0)
+
+
 def _mask_sums(pred_masks: Array, match: Array, targets: Dict[str, Array],
-               config: LossConfig) -> Dict[str, Array]:
+               config: LossConfig, chunk: int = MASK_LOSS_CHUNK) -> Dict[str, Array]:
     """Sums over matched targets of the focal (pixel mean) and dice losses.
 
-    Per target slot: pred_masks `[B, Q, h, w]` of the matched query -> `[B, M, Hm, Wm]`.
+    Per target slot: pred_masks `[B, Q, h, w]` of the matched query -> `[B, M, Hm, Wm]`.  The
+    upsampled masks are never all live: the per-slot losses are computed `chunk` slots at a
+    time (`lax.map` over chunks, each under `jax.checkpoint`, so the backward pass recomputes one
+    chunk at a time as well); every slot's value is the same as computed all at once.
     """
     num_slots = targets["valid"].shape[-1]
     hit = match[:, :, None] == jnp.arange(num_slots)                     # [B, Q, M]
     used = jnp.any(hit, axis=1) & targets["valid"]                       # [B, M]
     query = jnp.argmax(hit, axis=1)                                      # [B, M]
     src = jnp.take_along_axis(pred_masks.astype(jnp.float32), query[:, :, None, None], axis=1)
-    tgt = targets["masks"].astype(jnp.float32)
-    src = upsample_masks(src, tgt.shape[-2:])
-    focal = jnp.mean(sigmoid_focal_loss(src, tgt, config.focal_alpha, config.focal_gamma),
-                     axis=(-2, -1))
-    return {"mask": jnp.sum(jnp.where(used, focal, 0.0)),
-            "dice": jnp.sum(jnp.where(used, dice_loss(src, tgt), 0.0))}
+    tgt = targets["masks"]
+    size = _chunk_size(num_slots, chunk)
+    n = num_slots // size
+
+    def chunks(x):                                                       # [B, M, ...] -> [n, B, size, ...]
+        return jnp.moveaxis(x.reshape(x.shape[0], n, size, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def per_slot(args):
+        src, tgt = args                                                  # [B, size, h, w], [B, size, Hm, Wm]
+        tgt = tgt.astype(jnp.float32)
+        src = upsample_masks(src, tgt.shape[-2:])
+        focal = jnp.mean(sigmoid_focal_loss(src, tgt, config.focal_alpha, config.focal_gamma),
+                         axis=(-2, -1))
+        return focal, dice_loss(src, tgt)                                # [B, size] each
+
+    focal, dice = jax.lax.map(per_slot, (chunks(src), chunks(tgt)))       # [n, B, size] each
+    unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(used.shape)  # noqa: E731
+    return {"mask": jnp.sum(jnp.where(used, unchunk(focal), 0.0)),
+            "dice": jnp.sum(jnp.where(used, unchunk(dice), 0.0))}
 
 
 def set_criterion(outputs: Dict, targets: Dict[str, Array], config: LossConfig = LossConfig(),

@@ -74,35 +74,49 @@ class MHAttentionMap(nn.Module):
         return weights.astype(self.dtype)
 
 
-def conv3x3(features: int, name: str, dtype: Any) -> nn.Conv:
+def conv3x3(features: int, name: Optional[str], dtype: Any) -> nn.Conv:
     return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, name=name)
+
+
+def chunk_size(total: int, limit: int) -> int:
+    """The largest divisor of `total` that is at most `limit` (at least 1)."""
+    return max(d for d in range(1, max(min(total, limit), 1) + 1) if total % d == 0)
 
 
 class SplitInputConv(nn.Module):
     """3x3 conv of `concat([shared, per_query])` as `conv(shared)` broadcast + `conv(per_query)`.
 
     shared: [B, h, w, Cs]; per_query: [B, Q, h, w, Cq] -> [B, Q, h, w, features].  The kernel is
-    the usual HWIO [3, 3, Cs + Cq, features] (input channels: shared first).
+    the usual HWIO [3, 3, Cs + Cq, features] (input channels: shared first).  `shared_part` and
+    `query_part` are the two halves (`__call__` = `query_part(shared_part(shared), per_query)`).
     """
 
     features: int
+    shared_channels: int
+    query_channels: int
     dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, shared: jnp.ndarray, per_query: jnp.ndarray) -> jnp.ndarray:
-        cs, cq = shared.shape[-1], per_query.shape[-1]
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, cs + cq, self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        kernel = kernel.astype(self.dtype)
+    def setup(self):
+        shape = (3, 3, self.shared_channels + self.query_channels, self.features)
+        self.kernel = self.param("kernel", nn.initializers.lecun_normal(), shape)
+        self.bias = self.param("bias", nn.initializers.zeros, (self.features,))
 
-        def conv(x, k):
-            return jax.lax.conv_general_dilated(x.astype(self.dtype), k, (1, 1), ((1, 1), (1, 1)),
-                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    def _conv(self, x, k):
+        return jax.lax.conv_general_dilated(x.astype(self.dtype), k.astype(self.dtype), (1, 1), ((1, 1), (1, 1)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
+    def shared_part(self, shared: jnp.ndarray) -> jnp.ndarray:
+        """[B, h, w, Cs] -> [B, h, w, features]: the shared channels' conv plus the bias."""
+        return self._conv(shared, self.kernel[:, :, :self.shared_channels]) + self.bias.astype(self.dtype)
+
+    def query_part(self, out_shared: jnp.ndarray, per_query: jnp.ndarray) -> jnp.ndarray:
+        """`shared_part`'s output and per_query [B, Q, h, w, Cq] -> [B, Q, h, w, features]."""
         b, nq = per_query.shape[:2]
-        out_shared = conv(shared, kernel[:, :, :cs]) + bias.astype(self.dtype)
-        out_query = conv(per_query.reshape(b * nq, *per_query.shape[2:]), kernel[:, :, cs:])
+        out_query = self._conv(per_query.reshape(b * nq, *per_query.shape[2:]), self.kernel[:, :, self.shared_channels:])
         return out_query.reshape(b, nq, *out_query.shape[1:]) + out_shared[:, None]
+
+    def __call__(self, shared: jnp.ndarray, per_query: jnp.ndarray) -> jnp.ndarray:
+        return self.query_part(self.shared_part(shared), per_query)
 
 
 class MaskHeadSmallConv(nn.Module):
@@ -110,40 +124,87 @@ class MaskHeadSmallConv(nn.Module):
 
     Channels: [C + heads, C/2, C/4, C/8, C/16] with C = hidden_dim; adapters project stages 3,
     2, 1 to C/2, C/4, C/8.  Upsampling is PyTorch-exact nearest to each stage's size.
+
+    Memory (training): every query carries its own FPN, [Q, H/4, W/4, C/8] at stride 4, so with
+    `query_chunk` the per-query part runs `query_chunk` queries at a time (`nn.scan` over chunks,
+    each rematerialized in the backward pass): only one chunk's activations are live at once.
+    Each query's masks are the same either way (every op is per query).
     """
 
     hidden_dim: int
     num_heads: int
     dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, attention: jnp.ndarray, fpns: Sequence[jnp.ndarray],
-                 sizes: Optional[Sequence[jnp.ndarray]] = None) -> jnp.ndarray:
-        """x: [B, h, w, C] projected features; attention: [B, Q, heads, h, w]; fpns: stages 3, 2, 1
-        (NHWC); sizes: valid sizes of [x's level, stage 3, stage 2, stage 1] for padding invariance.
-
-        Returns mask logits [B, Q, H1, W1] at stage 1's resolution.
-        """
+    def setup(self):
         dt = self.dtype
         dims = [self.hidden_dim + self.num_heads] + [self.hidden_dim // 2 ** i for i in range(1, 5)]
+        self.lay1 = SplitInputConv(dims[0], self.hidden_dim, self.num_heads, dt)
+        self.gn1 = GroupNorm(GN_GROUPS, dt)
+        self.lay2 = conv3x3(dims[1], None, dt)
+        self.gn2 = GroupNorm(GN_GROUPS, dt)
+        self.adapter1 = nn.Conv(dims[1], (1, 1), dtype=dt)
+        self.lay3 = conv3x3(dims[2], None, dt)
+        self.gn3 = GroupNorm(GN_GROUPS, dt)
+        self.adapter2 = nn.Conv(dims[2], (1, 1), dtype=dt)
+        self.lay4 = conv3x3(dims[3], None, dt)
+        self.gn4 = GroupNorm(GN_GROUPS, dt)
+        self.adapter3 = nn.Conv(dims[3], (1, 1), dtype=dt)
+        self.lay5 = conv3x3(dims[4], None, dt)
+        self.gn5 = GroupNorm(GN_GROUPS, dt)
+        self.out_lay = conv3x3(1, None, dt)
+
+    def shared_features(self, x: jnp.ndarray, fpns: Sequence[jnp.ndarray], sizes: Sequence[Optional[jnp.ndarray]]):
+        """The per-image parts: lay1's conv of `x` (with its bias) and the adapters of `fpns`."""
+        x = x if sizes[0] is None else zero_outside(x, sizes[0])
+        adapters = [adapter(fpn.astype(self.dtype))
+                    for adapter, fpn in zip((self.adapter1, self.adapter2, self.adapter3), fpns)]
+        return self.lay1.shared_part(x), adapters
+
+    def query_masks(self, shared: jnp.ndarray, adapters: Sequence[jnp.ndarray], attention: jnp.ndarray,
+                    sizes: Sequence[Optional[jnp.ndarray]]) -> jnp.ndarray:
+        """`shared_features`' outputs and attention [B, q, heads, h, w] -> mask logits [B, q, H1, W1]."""
         b, nq = attention.shape[:2]
         flat = lambda t: t.reshape(b * nq, *t.shape[2:])  # noqa: E731
         per_query_sizes = lambda s: None if s is None else jnp.repeat(s, nq, axis=0)  # noqa: E731
-        sizes = list(sizes) if sizes is not None else [None] * 4
         keep = lambda t, s: t if s is None else zero_outside(t, s)  # noqa: E731
+        norms = (self.gn1, self.gn2, self.gn3, self.gn4, self.gn5)
 
         def norm_relu(t, i, s):
-            return keep(nn.relu(GroupNorm(GN_GROUPS, dt, name=f"gn{i}")(t, per_query_sizes(s))), per_query_sizes(s))
+            return keep(nn.relu(norms[i - 1](t, per_query_sizes(s))), per_query_sizes(s))
 
         maps = jnp.transpose(attention, (0, 1, 3, 4, 2))                     # [B, Q, h, w, heads]
-        y = SplitInputConv(dims[0], dt, name="lay1")(keep(x, sizes[0]), maps)
+        y = self.lay1.query_part(shared, maps)
         y = norm_relu(flat(y), 1, sizes[0])
-        y = norm_relu(conv3x3(dims[1], "lay2", dt)(y), 2, sizes[0])
-        for i, (fpn, s) in enumerate(zip(fpns, sizes[1:])):
-            adapter = nn.Conv(dims[i + 1], (1, 1), dtype=dt, name=f"adapter{i + 1}")(fpn.astype(dt))
+        y = norm_relu(self.lay2(y), 2, sizes[0])
+        for i, (adapter, s, lay) in enumerate(zip(adapters, sizes[1:], (self.lay3, self.lay4, self.lay5))):
             y = nearest_resize(y, adapter.shape[1:3])
             y = y.reshape(b, nq, *y.shape[1:]) + adapter[:, None]
             y = keep(flat(y), per_query_sizes(s))
-            y = norm_relu(conv3x3(dims[i + 2], f"lay{i + 3}", dt)(y), i + 3, s)
-        y = conv3x3(1, "out_lay", dt)(y)
+            y = norm_relu(lay(y), i + 3, s)
+        y = self.out_lay(y)
         return y.reshape(b, nq, *y.shape[1:3])
+
+    def __call__(self, x: jnp.ndarray, attention: jnp.ndarray, fpns: Sequence[jnp.ndarray],
+                 sizes: Optional[Sequence[jnp.ndarray]] = None, query_chunk: Optional[int] = None) -> jnp.ndarray:
+        """x: [B, h, w, C] projected features; attention: [B, Q, heads, h, w]; fpns: stages 3, 2, 1
+        (NHWC); sizes: valid sizes of [x's level, stage 3, stage 2, stage 1] for padding invariance;
+        query_chunk: queries per rematerialized chunk (None: all at once, nothing rematerialized).
+
+        Returns mask logits [B, Q, H1, W1] at stage 1's resolution.
+        """
+        sizes = list(sizes) if sizes is not None else [None] * 4
+        shared, adapters = self.shared_features(x, fpns, sizes)
+        b, nq = attention.shape[:2]
+        if query_chunk is None or query_chunk >= nq:
+            return self.query_masks(shared, adapters, attention, sizes)
+        size = chunk_size(nq, query_chunk)
+        n = nq // size
+        chunks = jnp.moveaxis(attention.reshape(b, n, size, *attention.shape[2:]), 1, 0)
+
+        def body(head, carry, attention, shared, adapters, sizes):
+            return carry, head.query_masks(shared, adapters, attention, sizes)
+
+        scan = nn.scan(nn.remat(body), variable_broadcast="params", split_rngs={"params": False},
+                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=n)
+        _, masks = scan(self, None, chunks, shared, adapters, sizes)          # [n, B, size, H1, W1]
+        return jnp.moveaxis(masks, 0, 1).reshape(b, nq, *masks.shape[3:])
