@@ -11,9 +11,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+# The tests also cover the TensorFlow Datasets adapter: its extra is installed for them only.
+$(VENV)/.installed-tfds: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[dev,tfds]"
+	touch $@
+
 install: $(VENV)/.installed
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-tfds
 	$(PY) -m pytest -q
 
 demo: $(VENV)/.installed

@@ -2,8 +2,10 @@
 
     detr-jax convert SRC OUT [--config NAME]       PyTorch checkpoint -> detr-jax checkpoint
     detr-jax predict CHECKPOINT IMAGES... --out DIR
-    detr-jax train --config NAME --data DIR --workdir DIR
+    detr-jax train --config NAME --data DIR --workdir DIR [--eval-every N]
+    detr-jax train --config NAME --tfds coco/2017_panoptic --workdir DIR
     detr-jax eval CHECKPOINT --data DIR --split val2017
+    detr-jax eval CHECKPOINT --tfds coco/2017_panoptic --split validation
     detr-jax demo [--workdir DIR]
 
 Each subcommand registers itself with `add_<name>_command(subparsers)`.
@@ -11,6 +13,7 @@ Each subcommand registers itself with `add_<name>_command(subparsers)`.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import List, Optional
 
@@ -70,7 +73,10 @@ def add_train_command(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train or fine-tune on COCO-format data (checkpoints and resume in --workdir)",
         description="Data: --data COCO_ROOT [--split train2017] (panoptic annotations for panoptic configs), "
-                    "or --images DIR --annotations JSON [--panoptic-dir DIR].  The panoptic recipe: "
+                    "--images DIR --annotations JSON [--panoptic-dir DIR], or --tfds coco/2017[_panoptic] "
+                    "[--split train] [--tfds-data-dir DIR] (TensorFlow Datasets, pip install 'detr-jax[tfds]').  "
+                    "--eval-every N evaluates box AP, segm AP and PQ on --eval-split every N steps and at the "
+                    "end (metrics.jsonl rows eval/...).  The panoptic recipe: "
                     "--stage detection, then --stage masks --init-from WORKDIR1/model.  Multi-host: "
                     "--coordinator HOST:PORT --num-processes N --process-id I (or JAX_COORDINATOR_ADDRESS, "
                     "JAX_NUM_PROCESSES, JAX_PROCESS_ID) on every host.")
@@ -80,6 +86,7 @@ def add_train_command(subparsers) -> None:
     p.add_argument("--images", help="image folder (with --annotations)")
     p.add_argument("--annotations", help="COCO detection or panoptic json")
     p.add_argument("--panoptic-dir", help="folder of the panoptic PNGs (panoptic --annotations)")
+    add_tfds_arguments(p)
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, the final model/")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from the latest checkpoint in --workdir (default)")
@@ -93,12 +100,29 @@ def add_train_command(subparsers) -> None:
                                           "the cluster (SLURM, Cloud TPU pods)")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
-    p.set_defaults(run=lambda args, rest: __import__("detr_jax.train", fromlist=["run"]).run(
-        args.config, args.workdir, num_classes=args.num_classes, batch_size=args.batch_size,
-        max_steps=args.max_steps, stage=args.stage, init_from=args.init_from, resume=args.resume,
-        coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
-        data=args.data, split=args.split, images=args.images, annotations=args.annotations,
-        panoptic_dir=args.panoptic_dir) and 0)
+    p.add_argument("--eval-every", type=int, help="evaluate every N steps and at the end (process 0)")
+    p.add_argument("--eval-split", help="the split evaluated (default val2017; with --tfds: validation)")
+    p.add_argument("--eval-max-images", type=int, help="evaluate the first N images only")
+    p.set_defaults(run=lambda args, rest: run_train(args))
+
+
+def add_tfds_arguments(p) -> None:
+    p.add_argument("--tfds", metavar="NAME", help="a TensorFlow Datasets COCO dataset (coco/2017, coco/2017_panoptic) "
+                                                  "instead of --data / --images; --split takes TFDS split names")
+    p.add_argument("--tfds-data-dir", metavar="DIR", help="TFDS data_dir (default: TFDS's, ~/tensorflow_datasets)")
+
+
+def run_train(args) -> int:
+    from detr_jax import train
+
+    optional = dict(tfds=args.tfds, tfds_data_dir=args.tfds_data_dir, eval_every=args.eval_every,
+                    eval_split=args.eval_split, eval_max_images=args.eval_max_images)
+    train.run(args.config, args.workdir, num_classes=args.num_classes, batch_size=args.batch_size,
+              max_steps=args.max_steps, stage=args.stage, init_from=args.init_from, resume=args.resume,
+              coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
+              data=args.data, split=args.split, images=args.images, annotations=args.annotations,
+              panoptic_dir=args.panoptic_dir, **{k: v for k, v in optional.items() if v is not None})
+    return 0
 
 
 def add_eval_command(subparsers) -> None:
@@ -109,7 +133,9 @@ def add_eval_command(subparsers) -> None:
         description="Runs the model over the images (every query a detection, as the original's evaluation), "
                     "prints the results table and writes all numbers to a JSON file.  Ground truth: --data DIR "
                     "--split SPLIT (DIR/SPLIT/ images, DIR/annotations/instances_SPLIT.json and/or "
-                    "panoptic_SPLIT.json with its PNG folder), or the explicit paths.")
+                    "panoptic_SPLIT.json with its PNG folder), the explicit paths, or --tfds NAME --split "
+                    "validation (TensorFlow Datasets' coco/2017 or coco/2017_panoptic; --max-images takes "
+                    "the first N records).")
     p.add_argument("checkpoint", help="a detr-jax checkpoint folder")
     p.add_argument("--data", help="a COCO root folder")
     p.add_argument("--split", default="val2017")
@@ -117,7 +143,9 @@ def add_eval_command(subparsers) -> None:
     p.add_argument("--annotations", help="instances JSON (box / mask AP ground truth)")
     p.add_argument("--panoptic-json", help="panoptic JSON (PQ ground truth)")
     p.add_argument("--panoptic-dir", help="its PNG folder (default: the JSON path without .json)")
-    p.add_argument("--max-images", type=int, default=None, help="only the first N images (by image id)")
+    add_tfds_arguments(p)
+    p.add_argument("--max-images", type=int, default=None,
+                   help="only the first N images (by image id; TFDS: in record order)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--short-side", type=int, default=DataConfig.short_side)
     p.add_argument("--max-size", type=int, default=DataConfig.max_size)
@@ -131,11 +159,15 @@ def run_eval(args) -> int:
     from detr_jax.evaluate import format_results
 
     dataset = load_dataset(args.data, args.split, images=args.images, annotations=args.annotations,
-                           panoptic_json=args.panoptic_json, panoptic_dir=args.panoptic_dir)
+                           panoptic_json=args.panoptic_json, panoptic_dir=args.panoptic_dir, tfds=args.tfds,
+                           tfds_data_dir=args.tfds_data_dir)
     results = evaluate_model(args.checkpoint, dataset, batch_size=args.batch_size, max_images=args.max_images,
                              short_side=args.short_side, max_size=args.max_size, progress=not args.no_progress)
     print(format_results(results))
-    out = args.out or default_output(args.checkpoint, args.split if args.data else "custom")
+    name = args.split if args.data else "custom"
+    if args.tfds:
+        name = re.sub(r"[^\w.-]+", "_", f"{args.tfds}_{dataset.split}")   # eval_coco_2017_panoptic_validation.json
+    out = args.out or default_output(args.checkpoint, name)
     write_json(dict(results, checkpoint=str(args.checkpoint)), out)
     failed = results["failed_images"]
     print(f"{results['num_images']} images in {results['seconds']:.1f} s; results written to {out}"

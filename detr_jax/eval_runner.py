@@ -19,6 +19,15 @@ Predicted panoptic segments of categories that the ground truth lacks are treate
 `evaluate_model` runs the model through a `Predictor` and hands its results to
 `evaluate_predictions`, which any other source of results (e.g. ground truth, in the tests) can use.
 Images are read as stored (no EXIF rotation: COCO's annotations refer to the stored pixels).
+
+Datasets: `CocoDetection` / `CocoPanoptic` folders (`load_dataset`), or TensorFlow Datasets'
+`coco/2017` / `coco/2017_panoptic` (`load_dataset(tfds="coco/2017_panoptic", split="validation")`,
+`detr_jax.data.tfds`).  Evaluation sees either through `ground_truth(dataset)` (`GroundTruth`):
+images in dataset order (COCO folders: by image id; TFDS: data-source order), the panoptic id
+maps and segments, and the instances ground truth of the evaluated images.  coco/2017 has no
+instance masks, so there is no mask AP on it.
+
+`make_eval_fn` is the train loop's periodic evaluation (`detr-jax train --eval-every N`).
 """
 from __future__ import annotations
 
@@ -26,7 +35,7 @@ import json
 import os
 import pathlib
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -42,9 +51,16 @@ Dataset = Union[CocoDetection, CocoPanoptic]
 
 def load_dataset(data: Optional[str] = None, split: str = "val2017", *, images: Optional[str] = None,
                  annotations: Optional[str] = None, panoptic_json: Optional[str] = None,
-                 panoptic_dir: Optional[str] = None) -> Dataset:
+                 panoptic_dir: Optional[str] = None, tfds: Optional[str] = None,
+                 tfds_data_dir: Optional[str] = None):
     """A COCO-panoptic dataset when a panoptic ground truth is given or found under `data`, else
-    COCO detection: `data` + `split` (the official layout) or the explicit paths."""
+    COCO detection: `data` + `split` (the official layout) or the explicit paths; or the TFDS
+    dataset `tfds` (e.g. "coco/2017_panoptic") and its `split` (val2017 means validation), crowd
+    objects kept."""
+    if tfds is not None:
+        from detr_jax.data.tfds import load_tfds
+
+        return load_tfds(tfds, split, data_dir=tfds_data_dir, training=False)
     if data is not None:
         paths = coco_paths(data, split)
         images = images or str(paths["images"])
@@ -52,7 +68,8 @@ def load_dataset(data: Optional[str] = None, split: str = "val2017", *, images: 
         if panoptic_json is None and paths["panoptic"].exists():
             panoptic_json, panoptic_dir = str(paths["panoptic"]), panoptic_dir or str(paths["panoptic_pngs"])
     if images is None:
-        raise ValueError("give --data DIR (and --split), or --images DIR with --annotations / --panoptic-json")
+        raise ValueError("give --data DIR (and --split), --images DIR with --annotations / --panoptic-json, "
+                         "or --tfds NAME")
     if panoptic_json is not None:
         dataset = CocoPanoptic(images_dir=images, ann_file=panoptic_json,
                                png_dir=panoptic_dir or os.path.splitext(panoptic_json)[0])
@@ -63,41 +80,101 @@ def load_dataset(data: Optional[str] = None, split: str = "val2017", *, images: 
     return CocoDetection(images_dir=images, ann_file=annotations, drop_crowd=False)
 
 
-def _image_infos(dataset: Dataset) -> List[Dict[str, Any]]:
-    return [item[0] for item in dataset.items]
+# ------------------------------------------------------------------------------------------------
+# The ground truth
+# ------------------------------------------------------------------------------------------------
+class GroundTruth(Protocol):
+    """What evaluation reads from a dataset; records are addressed by index, in dataset order.
+
+    categories: COCO category dicts (panoptic: with `isthing`).  panoptic: PQ can be computed
+    (`isthing` {category_id: bool}, `panoptic_gt`).  has_instance_masks: mask AP can be computed.
+    """
+
+    categories: List[Dict[str, Any]]
+    panoptic: bool
+    has_instance_masks: bool
+
+    def __len__(self) -> int: ...
+
+    def image_info(self, index: int) -> Dict[str, Any]:
+        """{'id', 'file_name', 'height', 'width'}."""
+
+    def load_image(self, index: int) -> np.ndarray:
+        """uint8 [H, W, 3]; raises BadSampleError."""
+
+    def index_of(self, image_id: int) -> int: ...
+
+    def panoptic_gt(self, index: int) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
+        """(segment ids int64 [H, W], segments_info: id, category_id, iscrowd, area)."""
+
+    def instances_gt(self, indices: Sequence[int]) -> Union[str, Dict[str, Any]]:
+        """The COCO instances ground truth (a dict or a json path) covering these images."""
 
 
-def _instances_gt(dataset: Dataset):
-    """The instances ground truth for box / mask AP: the dataset's `instances_json` when set (by
-    `load_dataset`), else built from the dataset's own annotations (detection: as read, so build
-    it with drop_crowd=False; panoptic: its thing segments, `panoptic_to_instances`)."""
-    instances = getattr(dataset, "instances_json", None)
-    if instances:
-        return instances
-    infos = _image_infos(dataset)
-    if isinstance(dataset, CocoDetection):
-        return {"images": infos, "annotations": [a for _, anns in dataset.items for a in anns],
-                "categories": dataset.categories}
-    import tempfile
+class CocoFolderGroundTruth:
+    """`GroundTruth` of a `CocoDetection` / `CocoPanoptic` read from files."""
 
-    with tempfile.TemporaryDirectory() as tmp:
-        gt = pathlib.Path(tmp) / "panoptic.json"
-        gt.write_text(json.dumps({"images": infos, "categories": dataset.categories, "annotations": [
-            {"image_id": info["id"], "file_name": png, "segments_info": segments}
-            for info, png, segments in dataset.items]}))
-        return panoptic_to_instances(gt, dataset.png_dir)
+    has_instance_masks = True   # detection: polygons / RLE; panoptic: the PNGs
+
+    def __init__(self, dataset: Dataset):
+        self.dataset, self.categories = dataset, dataset.categories
+        self.panoptic = isinstance(dataset, CocoPanoptic)
+        self.isthing = dataset.isthing if self.panoptic else None
+        self._index = {item[0]["id"]: i for i, item in enumerate(dataset.items)}
+
+    def __len__(self) -> int:
+        return len(self.dataset.items)
+
+    def image_info(self, index: int) -> Dict[str, Any]:
+        return self.dataset.items[index][0]
+
+    def load_image(self, index: int) -> np.ndarray:
+        return read_image(find_image(self.dataset.images_dir, self.image_info(index)["file_name"]))
+
+    def index_of(self, image_id: int) -> int:
+        return self._index[int(image_id)]
+
+    def panoptic_gt(self, index: int) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
+        _, png, segments = self.dataset.items[index]
+        return read_id_map(self.dataset.png_dir / png), segments
+
+    def instances_gt(self, indices: Sequence[int]):
+        """The dataset's `instances_json` when set (by `load_dataset`), else built from its own
+        annotations (detection: as read, so build it with drop_crowd=False; panoptic: its thing
+        segments, `panoptic_to_instances`)."""
+        dataset = self.dataset
+        instances = getattr(dataset, "instances_json", None)
+        if instances:
+            return instances
+        items = [dataset.items[i] for i in indices]
+        infos = [item[0] for item in items]
+        if not self.panoptic:
+            return {"images": infos, "annotations": [a for _, anns in items for a in anns],
+                    "categories": dataset.categories}
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            gt = pathlib.Path(tmp) / "panoptic.json"
+            gt.write_text(json.dumps({"images": infos, "categories": dataset.categories, "annotations": [
+                {"image_id": info["id"], "file_name": png, "segments_info": segments}
+                for info, png, segments in items]}))
+            return panoptic_to_instances(gt, dataset.png_dir)
 
 
-def _read_images(dataset: Dataset, infos: List[Dict[str, Any]], failures: Dict[int, str]) -> Iterator[np.ndarray]:
-    for info in infos:
-        try:
-            yield read_image(find_image(dataset.images_dir, info["file_name"]))
-        except BadSampleError as error:
-            failures[info["id"]] = str(error)
-            yield np.zeros((0, 0, 3), np.uint8)   # the Predictor reports it; the reason is kept here
+def ground_truth(dataset) -> GroundTruth:
+    """The evaluation view of a dataset: its own `ground_truth()` (TFDS datasets), or a COCO folder's."""
+    if hasattr(dataset, "ground_truth"):
+        return dataset.ground_truth()
+    if isinstance(dataset, (CocoDetection, CocoPanoptic)):
+        return CocoFolderGroundTruth(dataset)
+    raise TypeError(f"cannot evaluate on {type(dataset).__name__}: give a CocoDetection, CocoPanoptic or "
+                    f"a dataset with ground_truth()")
 
 
-def evaluate_model(model, dataset: Dataset, *, batch_size: int = 1, max_images: Optional[int] = None,
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+# ------------------------------------------------------------------------------------------------
+def evaluate_model(model, dataset, *, batch_size: int = 1, max_images: Optional[int] = None,
                    short_side: int = DataConfig.short_side, max_size: int = DataConfig.max_size,
                    bucket_multiple: Optional[int] = DataConfig.bucket_multiple, progress: bool = True,
                    **predictor_kwargs) -> Dict[str, Any]:
@@ -105,77 +182,93 @@ def evaluate_model(model, dataset: Dataset, *, batch_size: int = 1, max_images: 
 
     model: a checkpoint folder, a `DETRModel`, a (ModelConfig, variables) pair (e.g. from the train
     loop), or a ready `Predictor` (its settings are used as they are).
-    dataset: `CocoDetection` or `CocoPanoptic` (`load_dataset`).  The first `max_images` images.
+    dataset: `CocoDetection` or `CocoPanoptic` (`load_dataset`), or a TFDS one
+    (`detr_jax.data.tfds`).  The first `max_images` images (in the dataset's order).
     Returns {'bbox': COCO numbers, 'segm': ..., 'panoptic': pq_average's dict, 'num_images',
     'failed_images': {image_id: reason}, 'seconds'}: see `evaluate_predictions`.
     """
+    gt = ground_truth(dataset)
     if isinstance(model, Predictor):
         predictor = model
     else:
-        if isinstance(dataset, CocoPanoptic) and "is_thing_map" not in predictor_kwargs:
-            isthing = dict(dataset.isthing)   # stuff merging follows the dataset's categories
+        if gt.panoptic and "is_thing_map" not in predictor_kwargs:
+            isthing = dict(gt.isthing)   # stuff merging follows the dataset's categories
             predictor_kwargs["is_thing_map"] = lambda c: isthing.get(int(c), True)
         predictor = Predictor(model, short_side=short_side, max_size=max_size, batch_size=batch_size,
                               threshold=0.0, bucket_multiple=bucket_multiple, **predictor_kwargs)
-    predictor.return_masks = predictor.panoptic
-    infos = _image_infos(dataset)[:max_images]
-    failures: Dict[int, str] = {}
+    predictor.return_masks = predictor.panoptic and gt.has_instance_masks
+    count = len(gt) if max_images is None else min(len(gt), max_images)
+    image_ids: List[Optional[int]] = []   # by index, filled as the images are read (None: unreadable record)
+    failures: Dict[Any, str] = {}
     start = time.perf_counter()
 
+    def images() -> Iterator[np.ndarray]:
+        for index in range(count):
+            try:
+                image_ids.append(int(gt.image_info(index)["id"]))
+                yield gt.load_image(index)
+            except BadSampleError as error:
+                if len(image_ids) == index:   # not even the record's id could be read
+                    image_ids.append(None)
+                    failures[f"record {index}"] = str(error)
+                else:
+                    failures[image_ids[index]] = str(error)
+                yield np.zeros((0, 0, 3), np.uint8)   # the Predictor reports it; the reason is kept here
+
     def results() -> Iterator[Tuple[int, Dict[str, Any]]]:
-        for result in predictor.predict_iter(_read_images(dataset, infos, failures), progress=progress):
-            image_id = infos[result["index"]]["id"]
+        for result in predictor.predict_iter(images(), progress=progress):
+            image_id = image_ids[result["index"]]
+            if image_id is None:
+                continue
             if result["error"] and image_id not in failures:
                 failures[image_id] = result["error"]
             yield image_id, result
 
-    out = evaluate_predictions(results(), dataset, image_ids=[info["id"] for info in infos])
+    out = evaluate_predictions(results(), dataset)   # the Predictor yields one result per image
     out["failed_images"] = {str(k): v for k, v in failures.items()}
     out["seconds"] = time.perf_counter() - start
     return out
 
 
-def evaluate_predictions(results: Iterable[Tuple[int, Mapping[str, Any]]], dataset: Dataset, *,
+def evaluate_predictions(results: Iterable[Tuple[int, Mapping[str, Any]]], dataset, *,
                          image_ids: Optional[List[int]] = None) -> Dict[str, Any]:
     """Metrics of (image_id, result) pairs in the `Predictor`'s format: `boxes` xyxy in original
     pixels, `scores`, `labels` (category ids); `masks` bool [N, H, W] for mask AP; `id_map` and
     `segments_info` (0-based ids, as the Predictor's) for PQ.  Failed results (`error` set) count
     as images without predictions.  `image_ids`: the images evaluated (default: those seen).
     """
+    gt = ground_truth(dataset)
     box_results: List[Dict[str, Any]] = []
     mask_results: List[Dict[str, Any]] = []
     pq_stats: Dict = {}
-    panoptic = isinstance(dataset, CocoPanoptic)
-    gt_segments = {info["id"]: (png, segments) for info, png, segments in dataset.items} if panoptic else {}
     seen, with_masks, with_panoptic = [], False, False
     for image_id, result in results:
         seen.append(int(image_id))
         failed = bool(result.get("error"))
         if not failed:
             box_results += boxes_to_coco_results(image_id, result["boxes"], result["scores"], result["labels"])
-            if "masks" in result:
+            if "masks" in result and gt.has_instance_masks:
                 with_masks = True
                 mask_results += masks_to_coco_results(image_id, result["masks"], result["scores"],
                                                       result["labels"])
-        if panoptic and (failed or "id_map" in result):
-            png, segments = gt_segments[image_id]
-            gt_ids = read_id_map(dataset.png_dir / png)
+        if gt.panoptic and (failed or "id_map" in result):
+            gt_ids, segments = gt.panoptic_gt(gt.index_of(image_id))
             if failed:  # no prediction: every ground-truth segment is missed
                 pred_ids, pred_segments = np.zeros_like(gt_ids), []
             else:
                 with_panoptic = True
                 pred_ids, pred_segments = coco_panoptic_ids(result["id_map"], result["segments_info"])
-                pred_ids, pred_segments = _known_categories(pred_ids, pred_segments, dataset.isthing)
+                pred_ids, pred_segments = _known_categories(pred_ids, pred_segments, gt.isthing)
             pq_stats = merge_pq_stats(pq_stats, pq_stats_from_arrays(
-                gt_ids, segments, pred_ids, pred_segments, dataset.categories, image_id=image_id))
-    image_ids = seen if image_ids is None else image_ids
-    coco_gt = load_coco(_instances_gt(dataset))
+                gt_ids, segments, pred_ids, pred_segments, gt.categories, image_id=image_id))
+    image_ids = seen if image_ids is None else [int(i) for i in image_ids]
+    coco_gt = load_coco(gt.instances_gt([gt.index_of(i) for i in image_ids]))
     out: Dict[str, Any] = {"num_images": len(image_ids)}
     out["bbox"] = coco_evaluate(coco_gt, box_results, "bbox", image_ids=image_ids)
     if with_masks:
         out["segm"] = coco_evaluate(coco_gt, mask_results, "segm", image_ids=image_ids)
     if with_panoptic:
-        out["panoptic"] = pq_average(pq_stats, dataset.categories)
+        out["panoptic"] = pq_average(pq_stats, gt.categories)
     return out
 
 
@@ -186,6 +279,46 @@ def _known_categories(ids: np.ndarray, segments, known: Mapping[int, bool]):
     if not unknown:
         return ids, segments
     return np.where(np.isin(ids, unknown), 0, ids), [s for s in segments if s["category_id"] in known]
+
+
+def summary_metrics(results: Mapping[str, Any]) -> Dict[str, float]:
+    """The headline numbers of `evaluate_model`'s results, flat: bbox_AP, bbox_AP50, segm_AP,
+    segm_AP50, PQ, PQ_th, PQ_st (those computed), num_images, failed_images, seconds."""
+    out = {"num_images": float(results["num_images"]), "failed_images": float(len(results.get("failed_images", {}))),
+           "seconds": float(results.get("seconds", 0.0))}
+    for kind in ("bbox", "segm"):
+        if kind in results:
+            out[f"{kind}_AP"], out[f"{kind}_AP50"] = results[kind]["AP"], results[kind]["AP50"]
+    if "panoptic" in results:
+        pq = results["panoptic"]
+        out.update(PQ=pq["All"]["pq"], PQ_th=pq["Things"]["pq"], PQ_st=pq["Stuff"]["pq"])
+    return out
+
+
+def make_eval_fn(model_config, dataset, data_config: DataConfig = DataConfig(), *,
+                 max_images: Optional[int] = None, batch_size: int = 1):
+    """The train loop's periodic evaluation: `eval_fn(variables, step) -> summary_metrics(...)` of
+    the model `model_config` with these variables on the first `max_images` of `dataset`, at the
+    eval sizes of `data_config`.  One `DETRModel` is kept across calls (its jitted forward compiles
+    once per shape); the variables are put on the device once per call."""
+    import jax
+
+    from detr_jax.checkpoint import DETRModel
+
+    model: Optional[DETRModel] = None
+
+    def eval_fn(variables: Dict[str, Any], step: int) -> Dict[str, float]:
+        nonlocal model
+        variables = jax.device_put(variables)
+        if model is None:
+            model = DETRModel(model_config, variables)
+        model.variables = variables
+        results = evaluate_model(model, dataset, batch_size=batch_size, max_images=max_images,
+                                 short_side=data_config.short_side, max_size=data_config.max_size,
+                                 bucket_multiple=data_config.bucket_multiple, progress=False)
+        return summary_metrics(results)
+
+    return eval_fn
 
 
 def default_output(checkpoint: Optional[str], split: str) -> pathlib.Path:

@@ -260,7 +260,9 @@ def train(config: Config, workdir, train_data, *, resume: bool = True, max_steps
     resume: continue from the latest checkpoint in `workdir` (init_from is then ignored); False
     with checkpoints present is an error.  max_steps: overrides the config's steps.  init_from: a
     detr-jax checkpoint folder to start from (fine-tuning, or stage 2 of the panoptic recipe).
-    eval_fn(variables, step) -> metrics dict: called every `eval_every` steps and at the end.
+    eval_fn(variables, step) -> metrics dict: called every `eval_every` steps and at the end, on
+    process 0 only (the other hosts wait at their next step); its numbers are logged to
+    metrics.jsonl as `eval/NAME` (`detr_jax.eval_runner.make_eval_fn`).
     Returns {"state": TrainState (host), "metrics": the last logged row, "steps": steps run here}.
     """
     workdir = pathlib.Path(workdir).absolute()
@@ -333,7 +335,7 @@ def train(config: Config, workdir, train_data, *, resume: bool = True, max_steps
             if done % tc.save_every == 0 or done == total:
                 flush()  # never save a state whose loss went non-finite
                 checkpoints.save(unreplicate(device_state), dict(meta, metrics=last_row))
-            if eval_fn is not None and ((eval_every and done % eval_every == 0) or done == total):
+            if eval_fn is not None and primary and ((eval_every and done % eval_every == 0) or done == total):
                 host = unreplicate(device_state)
                 result = eval_fn({"params": host.params, "buffers": host.buffers}, done)
                 if result:
@@ -354,33 +356,60 @@ def train(config: Config, workdir, train_data, *, resume: bool = True, max_steps
 # Entry point of `detr-jax train`
 # ------------------------------------------------------------------------------------------------
 def build_dataset(config: Config, data=None, split: str = "train2017", images=None, annotations=None,
-                  panoptic_dir=None):
-    """The training dataset: a COCO root and split, or an image folder with its annotation json.
+                  panoptic_dir=None, tfds=None, tfds_data_dir=None):
+    """The training dataset: a COCO root and split, an image folder with its annotation json, or a
+    TensorFlow Datasets name (`coco/2017`, `coco/2017_panoptic`; split train2017 means train).
 
-    Panoptic annotations (a panoptic config with a COCO root, or `panoptic_dir` given) give
-    `CocoPanoptic`, whose boxes come from the segments (stage 1 of the panoptic recipe);
-    otherwise `CocoDetection`, with instance masks when the mask losses are on.
+    Panoptic annotations (a panoptic config with a COCO root, `panoptic_dir` given, or a panoptic
+    TFDS dataset) give `CocoPanoptic` (`TfdsCocoPanoptic`), whose boxes come from the segments (stage 1
+    of the panoptic recipe); otherwise `CocoDetection` (`TfdsCocoDetection`), with instance masks when
+    the mask losses are on (not on TFDS: coco/2017 has none).
     """
     from detr_jax.data.coco import CocoDetection, CocoPanoptic
 
     _, loss_config = stage_configs(config)
+    if tfds is not None:
+        from detr_jax.data.tfds import load_tfds
+
+        dataset = load_tfds(tfds, split, data_dir=tfds_data_dir)
+        if loss_config.masks and not dataset.panoptic:
+            raise ValueError(f"{tfds} has no instance masks, which the mask losses need: train on "
+                             f"coco/2017_panoptic, or run --stage detection")
+        return dataset
     if data is not None:
         if config.model.masks:
             return CocoPanoptic(data, split)
         return CocoDetection(data, split, return_masks=loss_config.masks)
     if images is None or annotations is None:
-        raise ValueError("give --data COCO_ROOT, or --images DIR and --annotations JSON")
+        raise ValueError("give --data COCO_ROOT, --images DIR and --annotations JSON, or --tfds NAME")
     if panoptic_dir is not None:
         return CocoPanoptic(images_dir=images, ann_file=annotations, png_dir=panoptic_dir)
     return CocoDetection(images_dir=images, ann_file=annotations, return_masks=loss_config.masks)
 
 
+def build_eval_fn(config: Config, eval_split: str = "val2017", max_images: Optional[int] = None, *, data=None,
+                  tfds=None, tfds_data_dir=None, **unused_data_args) -> EvalFn:
+    """Periodic evaluation on the validation split of the training data: `eval_split` of the COCO
+    root `data`, or of the TFDS dataset `tfds` (val2017 means validation); the first `max_images`."""
+    from detr_jax.eval_runner import load_dataset, make_eval_fn
+
+    dataset = load_dataset(data, eval_split, tfds=tfds, tfds_data_dir=tfds_data_dir)
+    model_config, _ = stage_configs(config)
+    devices = jax.process_count() * jax.local_device_count()
+    return make_eval_fn(dataclasses.replace(model_config, dtype=config.model.dtype), dataset, config.data,
+                        max_images=max_images, batch_size=max(1, config.train.batch_size // devices))
+
+
 def run(config_name: str, workdir, *, num_classes=None, batch_size=None, max_steps=None, stage=None,
         init_from=None, resume=True, coordinator_address=None, num_processes=None, process_id=None,
+        eval_every: Optional[int] = None, eval_max_images: Optional[int] = None, eval_split: str = "val2017",
         **data_args) -> Dict[str, Any]:
     """`detr-jax train`: load the config, apply the overrides, join the hosts, build the data, train.
 
     num_classes: an int, or "auto" for the dataset's (fine-tuning on another label set).
+    eval_every: evaluate (box AP, segm AP, PQ) every N steps and at the end on `eval_split`, the
+    first `eval_max_images` images, on process 0 (`build_eval_fn`).
+    data_args: `build_dataset`'s (data, split, images, annotations, panoptic_dir, tfds, tfds_data_dir).
     """
     from detr_jax.config import load_config
 
@@ -396,4 +425,10 @@ def run(config_name: str, workdir, *, num_classes=None, batch_size=None, max_ste
     if dataset.num_classes > config.model.num_classes:
         raise ValueError(f"the dataset's labels need num_classes >= {dataset.num_classes}, the config has "
                          f"{config.model.num_classes}; pass --num-classes auto to fine-tune on it")
-    return train(config, workdir, dataset, resume=resume, init_from=init_from)
+    eval_fn = None
+    if eval_every and data_args.get("data") is None and data_args.get("tfds") is None:
+        raise ValueError("periodic evaluation (--eval-every) needs --data or --tfds, whose --eval-split it reads")
+    if eval_every and jax.process_index() == 0:
+        eval_fn = build_eval_fn(config, eval_split, eval_max_images, **data_args)
+    return train(config, workdir, dataset, resume=resume, init_from=init_from, eval_fn=eval_fn,
+                 eval_every=eval_every)
