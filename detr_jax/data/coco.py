@@ -76,7 +76,7 @@ def coco_paths(root: PathLike, split: str) -> Dict[str, pathlib.Path]:
             "panoptic": root / "annotations" / f"panoptic_{split}.json", "panoptic_pngs": png_dir}
 
 
-class _CocoBase:
+class CocoBase:
     """Shared: category tables, label mapping, the drop log, `__len__`."""
 
     def __init__(self, categories: List[Dict], contiguous_labels: bool):
@@ -107,7 +107,7 @@ class _CocoBase:
         return np.array([self.category_id_to_label[c] for c in category_ids], np.int32).reshape(-1)
 
 
-class CocoDetection(_CocoBase):
+class CocoDetection(CocoBase):
     """COCO detection: `CocoDetection(root, "train2017")` or `CocoDetection(images_dir=, ann_file=)`.
 
     drop_crowd: drop iscrowd annotations from the targets (the original does; True for training).
@@ -195,7 +195,7 @@ def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
 
 
-class CocoPanoptic(_CocoBase):
+class CocoPanoptic(CocoBase):
     """COCO panoptic: `CocoPanoptic(root, "val2017")` or `CocoPanoptic(images_dir=, ann_file=, png_dir=)`.
 
     One mask per segment (things and stuff).  drop_crowd defaults to False: the original keeps

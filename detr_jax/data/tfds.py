@@ -45,7 +45,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from detr_jax.data.coco import OBJECT_FIELDS, BadSampleError, _CocoBase, masks_to_boxes, rgb_to_id
+from detr_jax.data.coco import OBJECT_FIELDS, BadSampleError, CocoBase, masks_to_boxes, rgb_to_id
 from detr_jax.labels import panoptic_categories
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def resize_nearest(array: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(np.ascontiguousarray(array)).resize((size[1], size[0]), Image.NEAREST))
 
 
-class _TfdsCoco(_CocoBase):
+class _TfdsCoco(CocoBase):
     """Shared: the builder and data source, label mapping, object fields, the evaluation view."""
 
     OBJECTS = "objects"
