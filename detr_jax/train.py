@@ -118,6 +118,15 @@ def replicate(tree: Any) -> Any:
     return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x)[None], (n,) + np.shape(x)), tree)
 
 
+def replicate_on_devices(tree: Any) -> Any:
+    """`replicate`, placed on the local devices with the sharding that the pmapped step returns.
+
+    The step's compiled executable is cached by its arguments' shardings too: host arrays on the
+    first call and the step's own outputs (sharded over a mesh axis named `AXIS`) on the next ones
+    would compile the whole step twice."""
+    return jax.pmap(lambda x: x, axis_name=AXIS)(replicate(tree))
+
+
 def unreplicate(tree: Any) -> Any:
     """The first local copy of a replicated tree (a pmap result, or `replicate`'s host arrays when no
     step ran, e.g. resuming a finished run), as host numpy arrays."""
@@ -296,7 +305,7 @@ def train(config: Config, workdir, train_data, *, resume: bool = True, max_steps
                               optim.trainable_mask(state.params, tc), padding_invariant=tc.padding_invariant)
     p_train_step = make_parallel_train_step(step_fn)
     keys = MODEL_INPUTS + TARGETS + (("masks",) if loss_config.masks else ())
-    device_state, device_rng = replicate(state), replicate(step_rng)
+    device_state, device_rng = replicate_on_devices(state), replicate(step_rng)
     writer = MetricsWriter(workdir, start, primary)
     meta = {"config": json.loads(to_json(config)), "model": model_config.to_dict()}
     pending: List[tuple] = []  # (step, metrics on the devices)

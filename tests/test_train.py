@@ -18,10 +18,14 @@ from detr_jax.config import TrainConfig, load_config
 from detr_jax.data.coco import CocoPanoptic
 from detr_jax.data.synthetic import ensure_synthetic
 from detr_jax.models.detr import init_variables
+from detr_jax import train as train_module
 from detr_jax.train import nonfinite_error, run_keys, stage_configs, train
 from detr_jax.train_state import IncompatibleCheckpointError, merge_pretrained
 
 OVERFIT_STEPS = 300
+
+
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"   # jax.monitoring's event of one XLA compile
 
 
 def flat(tree):
@@ -152,6 +156,31 @@ def test_init_from_fails_loudly_on_arrays_that_do_not_fit():
 # ------------------------------------------------------------------------------------------------
 # Training runs
 # ------------------------------------------------------------------------------------------------
+def test_the_train_step_compiles_once(dataset, tmp_path, monkeypatch):
+    """The loop's first call must not leave the step with other argument shardings than its later
+    calls: that compiled the whole step twice (14 s more per run for the demo config)."""
+    compiles_per_call = []
+    make_parallel = train_module.make_parallel_train_step
+
+    def counting(step_fn):
+        parallel = make_parallel(step_fn)
+
+        def call(*args):
+            events = []
+            listener = lambda name, secs, **kw: events.append(name) if name == BACKEND_COMPILE_EVENT else None  # noqa: E731
+            jax.monitoring.register_event_duration_secs_listener(listener)
+            try:
+                return parallel(*args)
+            finally:
+                jax.monitoring.unregister_event_duration_listener(listener)
+                compiles_per_call.append(len(events))
+        return call
+
+    monkeypatch.setattr(train_module, "make_parallel_train_step", counting)
+    train(fixed_size_config(max_steps=3, log_every=1), tmp_path, dataset, progress=False)
+    assert compiles_per_call == [1, 0, 0]
+
+
 @pytest.mark.slow  # shares one 300-step run; compiling the step takes 1-6 min on a busy CPU
 def test_overfits_two_images(overfit):
     first, last = overfit["rows"][0], overfit["rows"][-1]
