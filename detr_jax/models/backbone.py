@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from detr_jax.models.layers import downsample_sizes, zero_outside
+from detr_jax.models.layers import Conv1x1, downsample_sizes, zero_outside
 
 BN_EPS = 1e-5
 
@@ -39,8 +39,11 @@ class FrozenBatchNorm(nn.Module):
 
 
 def conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, name: Optional[str] = None,
-         dtype: Any = jnp.float32) -> nn.Conv:
-    """A bias-free convolution with PyTorch's symmetric padding `dilation * (kernel - 1) // 2`."""
+         dtype: Any = jnp.float32) -> nn.Module:
+    """A bias-free convolution with PyTorch's symmetric padding `dilation * (kernel - 1) // 2`
+    (1x1 kernels as `Conv1x1`: a matrix product)."""
+    if kernel == 1:
+        return Conv1x1(features, stride, use_bias=False, dtype=dtype, name=name)
     pad = dilation * (kernel - 1) // 2
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
                    kernel_dilation=(dilation, dilation), use_bias=False, dtype=dtype, name=name)

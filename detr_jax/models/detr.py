@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from detr_jax.config import ModelConfig
 from detr_jax.models.backbone import ResNet
-from detr_jax.models.layers import image_sizes_from_mask, nearest_resize, valid_mask
+from detr_jax.models.layers import Conv1x1, image_sizes_from_mask, nearest_resize, valid_mask
 from detr_jax.models.position import sine_position_embedding
 from detr_jax.models.segmentation import MaskHeadSmallConv, MHAttentionMap
 from detr_jax.models.transformer import Transformer
@@ -93,7 +93,7 @@ class DETR(nn.Module):
         hw = layer4.shape[1:3]
         valid = valid_mask(feature_sizes[-1], hw) if padding_invariant else feature_masks(pixel_mask, hw)
         pos = sine_position_embedding(valid, cfg.hidden_dim // 2).astype(dt)
-        src = nn.Conv(cfg.hidden_dim, (1, 1), dtype=dt, name="input_proj")(layer4)
+        src = Conv1x1(cfg.hidden_dim, dtype=dt, name="input_proj")(layer4)
         query_embed = nn.Embed(cfg.num_queries, cfg.hidden_dim, name="query_embed").embedding
         b = src.shape[0]
         flat = lambda t: t.reshape(b, -1, t.shape[-1])  # noqa: E731

@@ -6,8 +6,10 @@ at the resolution of the array it describes.  `valid` masks are True on real (un
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Any, Sequence, Tuple
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -30,9 +32,20 @@ def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
 
 
 def nearest_resize(x: jnp.ndarray, out_hw: Tuple[int, int], axes: Tuple[int, int] = (1, 2)) -> jnp.ndarray:
-    """Nearest resize of the two spatial `axes` of `x` to `out_hw`, exactly as PyTorch does."""
+    """Nearest resize of the two spatial `axes` of `x` to `out_hw`, exactly as PyTorch does.
+
+    Where PyTorch's indices are those of an integer upsampling (`dst // f`, e.g. 134 -> 267 in
+    the mask head's FPN), a repeat and crop instead of a gather: the same values, and a backward
+    pass of sums rather than a scatter.
+    """
     for axis, out in zip(axes, out_hw):
-        x = jnp.take(x, nearest_indices(x.shape[axis], out), axis=axis)
+        size = x.shape[axis]
+        indices = nearest_indices(size, out)
+        factor = -(-out // size)
+        if np.array_equal(indices, np.arange(out) // factor):
+            x = jax.lax.slice_in_dim(jnp.repeat(x, factor, axis=axis), 0, out, axis=axis) if factor > 1 else x
+        else:
+            x = jnp.take(x, indices, axis=axis)
     return x
 
 
@@ -67,3 +80,29 @@ def zero_outside(x: jnp.ndarray, sizes: jnp.ndarray) -> jnp.ndarray:
     """
     keep = valid_mask(sizes, x.shape[1:3])[..., None]
     return jnp.where(keep, x, jnp.zeros((), x.dtype))
+
+
+class Conv1x1(nn.Module):
+    """A 1x1 convolution (`nn.Conv(features, (1, 1), strides=stride)`'s parameters: kernel HWIO
+    [1, 1, Cin, features], optional bias) computed as a matrix product over channels.
+
+    NHWC in and out.  Same values as the convolution (stride s keeps pixels 0, s, 2s, ..., as
+    PyTorch's unpadded strided 1x1 conv), but XLA's CPU backend runs a dot much faster than a 1x1
+    convolution, 3x faster forward + backward for ResNet's shapes (its kernel gradient as a
+    convolution is slow).
+    """
+
+    features: int
+    stride: int = 1
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (1, 1, x.shape[-1], self.features))
+        if self.stride > 1:
+            x = x[:, ::self.stride, ::self.stride]
+        y = jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+        return y

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from detr_jax.models.layers import nearest_resize, valid_mask, zero_outside
+from detr_jax.models.layers import Conv1x1, nearest_resize, valid_mask, zero_outside
 
 GN_EPS = 1e-5
 GN_GROUPS = 8
@@ -142,13 +142,13 @@ class MaskHeadSmallConv(nn.Module):
         self.gn1 = GroupNorm(GN_GROUPS, dt)
         self.lay2 = conv3x3(dims[1], None, dt)
         self.gn2 = GroupNorm(GN_GROUPS, dt)
-        self.adapter1 = nn.Conv(dims[1], (1, 1), dtype=dt)
+        self.adapter1 = Conv1x1(dims[1], dtype=dt)
         self.lay3 = conv3x3(dims[2], None, dt)
         self.gn3 = GroupNorm(GN_GROUPS, dt)
-        self.adapter2 = nn.Conv(dims[2], (1, 1), dtype=dt)
+        self.adapter2 = Conv1x1(dims[2], dtype=dt)
         self.lay4 = conv3x3(dims[3], None, dt)
         self.gn4 = GroupNorm(GN_GROUPS, dt)
-        self.adapter3 = nn.Conv(dims[3], (1, 1), dtype=dt)
+        self.adapter3 = Conv1x1(dims[3], dtype=dt)
         self.lay5 = conv3x3(dims[4], None, dt)
         self.gn5 = GroupNorm(GN_GROUPS, dt)
         self.out_lay = conv3x3(1, None, dt)
