@@ -70,6 +70,18 @@ def test_nearest_resize_of_a_mask_picks_torchs_rows():
     np.testing.assert_array_equal(out[0], np.asarray(mask[0])[nearest_indices(12, 5)][:, nearest_indices(9, 4)])
 
 
+@pytest.mark.parametrize("in_size,out_size", [(134, 267), (20, 40), (100, 99), (7, 7), (13, 7), (7, 13), (61, 121)])
+def test_nearest_resize_equals_the_gather_of_torchs_indices_values_and_gradients(in_size, out_size):
+    # integer upsamplings (and identities or crops) take a repeat path; the rest a gather
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, in_size, 3, 4))
+    gather = lambda x: jnp.take(x, nearest_indices(in_size, out_size), axis=1)  # noqa: E731
+    ours = lambda x: nearest_resize(x, (out_size, 3))  # noqa: E731
+    np.testing.assert_array_equal(ours(x), gather(x))
+    weights = jax.random.normal(jax.random.PRNGKey(1), (2, out_size, 3, 4))
+    grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * weights))(x)  # noqa: E731
+    np.testing.assert_allclose(grad(ours), grad(gather), rtol=1e-6, atol=1e-6)
+
+
 def test_position_embedding_depends_only_on_the_valid_region():
     full = jnp.ones((1, 6, 9), bool)
     padded = jnp.zeros((1, 8, 12), bool).at[:, :6, :9].set(True)

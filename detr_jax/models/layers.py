@@ -43,7 +43,7 @@ def nearest_resize(x: jnp.ndarray, out_hw: Tuple[int, int], axes: Tuple[int, int
         indices = nearest_indices(size, out)
         factor = -(-out // size)
         if np.array_equal(indices, np.arange(out) // factor):
-            x = jax.lax.slice_in_dim(jnp.repeat(x, factor, axis=axis), 0, out, axis=axis) if factor > 1 else x
+            x = jax.lax.slice_in_dim(jnp.repeat(x, factor, axis=axis) if factor > 1 else x, 0, out, axis=axis)
         else:
             x = jnp.take(x, indices, axis=axis)
     return x
