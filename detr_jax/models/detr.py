@@ -39,7 +39,6 @@ from detr_jax.models.transformer import Transformer
 
 
 MASK_FILL = -1e4   # mask logit of queries skipped by `mask_queries` (sigmoid = 0)
-TRAIN_MASK_CHUNK = 10  # training: the mask head runs this many queries at a time, rematerialized
 
 
 def select_mask_queries(logits: jnp.ndarray, k: int):
@@ -79,11 +78,7 @@ class DETR(nn.Module):
 
     @nn.compact
     def __call__(self, pixel_values: jnp.ndarray, pixel_mask: jnp.ndarray, *, train: bool = False,
-                 padding_invariant: bool = True, mask_queries: Optional[int] = None,
-                 mask_chunk: Optional[int] = TRAIN_MASK_CHUNK) -> Dict[str, Any]:
-        """`mask_chunk`: in training, the mask head's queries per rematerialized chunk (memory: one
-        chunk's FPN activations live at a time; the same masks); None: all at once.  Inference
-        always runs all (selected) queries at once."""
+                 padding_invariant: bool = True, mask_queries: Optional[int] = None) -> Dict[str, Any]:
         cfg = self.config
         dt = jnp.dtype(cfg.dtype)
         sizes = image_sizes_from_mask(pixel_mask) if padding_invariant else None
@@ -125,8 +120,7 @@ class DETR(nn.Module):
             mask_sizes = [feature_sizes[3], feature_sizes[2], feature_sizes[1], feature_sizes[0]] \
                 if padding_invariant else None
             masks = MaskHeadSmallConv(cfg.hidden_dim, cfg.num_heads, dt, name="mask_head")(
-                src, attention, [features[2], features[1], features[0]], mask_sizes,
-                query_chunk=mask_chunk if train else None).astype(jnp.float32)
+                src, attention, [features[2], features[1], features[0]], mask_sizes).astype(jnp.float32)
             if selected:
                 full = jnp.full((b, cfg.num_queries, *masks.shape[2:]), MASK_FILL, jnp.float32)
                 masks = full.at[jnp.arange(b)[:, None], indices].set(masks)

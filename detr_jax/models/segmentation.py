@@ -78,11 +78,6 @@ def conv3x3(features: int, name: Optional[str], dtype: Any) -> nn.Conv:
     return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, name=name)
 
 
-def chunk_size(total: int, limit: int) -> int:
-    """The largest divisor of `total` that is at most `limit` (at least 1)."""
-    return max(d for d in range(1, max(min(total, limit), 1) + 1) if total % d == 0)
-
-
 class SplitInputConv(nn.Module):
     """3x3 conv of `concat([shared, per_query])` as `conv(shared)` broadcast + `conv(per_query)`.
 
@@ -124,11 +119,7 @@ class MaskHeadSmallConv(nn.Module):
 
     Channels: [C + heads, C/2, C/4, C/8, C/16] with C = hidden_dim; adapters project stages 3,
     2, 1 to C/2, C/4, C/8.  Upsampling is PyTorch-exact nearest to each stage's size.
-
-    Memory (training): every query carries its own FPN, [Q, H/4, W/4, C/8] at stride 4, so with
-    `query_chunk` the per-query part runs `query_chunk` queries at a time (`nn.scan` over chunks,
-    each rematerialized in the backward pass): only one chunk's activations are live at once.
-    Each query's masks are the same either way (every op is per query).
+    `shared_features` is the per-image part, `query_masks` the per-query part.
     """
 
     hidden_dim: int
@@ -185,26 +176,12 @@ class MaskHeadSmallConv(nn.Module):
         return y.reshape(b, nq, *y.shape[1:3])
 
     def __call__(self, x: jnp.ndarray, attention: jnp.ndarray, fpns: Sequence[jnp.ndarray],
-                 sizes: Optional[Sequence[jnp.ndarray]] = None, query_chunk: Optional[int] = None) -> jnp.ndarray:
+                 sizes: Optional[Sequence[jnp.ndarray]] = None) -> jnp.ndarray:
         """x: [B, h, w, C] projected features; attention: [B, Q, heads, h, w]; fpns: stages 3, 2, 1
-        (NHWC); sizes: valid sizes of [x's level, stage 3, stage 2, stage 1] for padding invariance;
-        query_chunk: queries per rematerialized chunk (None: all at once, nothing rematerialized).
+        (NHWC); sizes: valid sizes of [x's level, stage 3, stage 2, stage 1] for padding invariance.
 
         Returns mask logits [B, Q, H1, W1] at stage 1's resolution.
         """
         sizes = list(sizes) if sizes is not None else [None] * 4
         shared, adapters = self.shared_features(x, fpns, sizes)
-        b, nq = attention.shape[:2]
-        if query_chunk is None or query_chunk >= nq:
-            return self.query_masks(shared, adapters, attention, sizes)
-        size = chunk_size(nq, query_chunk)
-        n = nq // size
-        chunks = jnp.moveaxis(attention.reshape(b, n, size, *attention.shape[2:]), 1, 0)
-
-        def body(head, carry, attention, shared, adapters, sizes):
-            return carry, head.query_masks(shared, adapters, attention, sizes)
-
-        scan = nn.scan(nn.remat(body), variable_broadcast="params", split_rngs={"params": False},
-                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=n)
-        _, masks = scan(self, None, chunks, shared, adapters, sizes)          # [n, B, size, H1, W1]
-        return jnp.moveaxis(masks, 0, 1).reshape(b, nq, *masks.shape[3:])
+        return self.query_masks(shared, adapters, attention, sizes)
