@@ -82,6 +82,13 @@ def test_nearest_resize_equals_the_gather_of_torchs_indices_values_and_gradients
     np.testing.assert_allclose(grad(ours), grad(gather), rtol=1e-6, atol=1e-6)
 
 
+def test_query_embeddings_start_as_torchs_standard_normal():
+    # nn.Embedding's N(0, 1), not flax's 1/sqrt(d): small queries never specialize from scratch
+    config = dataclasses.replace(load_config("detr_tiny").model, num_queries=100)
+    queries = init_variables(config, jax.random.PRNGKey(0))["params"]["query_embed"]["embedding"]
+    assert queries.shape == (100, config.hidden_dim) and 0.95 < float(np.std(queries)) < 1.05
+
+
 def test_position_embedding_depends_only_on_the_valid_region():
     full = jnp.ones((1, 6, 9), bool)
     padded = jnp.zeros((1, 8, 12), bool).at[:, :6, :9].set(True)
