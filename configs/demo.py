@@ -1,6 +1,8 @@
 """The embedded default: a small panoptic DETR trained from scratch on the synthetic dataset
 (`detr_jax.data.synthetic`: circles, squares, triangles over sky / grass / wall) in about ten
-minutes on a 2-core CPU.  Used by `detr-jax demo`.
+minutes on a 2-core CPU.  Used by `detr-jax demo`, in the paper's two stages: `get_config()` is
+stage 1, the detector trained on the panoptic boxes (no mask head); `MASK_STAGE` overrides its
+train config for stage 2, the mask head alone on the frozen detector.
 
 Choices for fast convergence from scratch (the released recipe fine-tunes a pretrained ResNet
 for 300 epochs): DC5 tiny ResNet (8x8 tokens at 128 px), nothing frozen, pre-norm, 16 queries,
@@ -21,6 +23,11 @@ def get_config() -> Config:
         loss=LossConfig(masks=True, ce_weight=2.0, cost_class=2.0),
         data=DataConfig(short_side=128, max_size=128, train_scales=(128,), train_max_size=128, crop_prob=0.0,
                         max_boxes=8, bucket_multiple=32),
-        train=TrainConfig(batch_size=16, max_steps=900, lr=5e-4, lr_backbone=5e-4, frozen=(), warmup_steps=100, adam_eps=1e-12,
-                          lr_drop_step=750, log_every=25, save_every=200, keep_checkpoints=2, num_workers=2),
+        train=TrainConfig(batch_size=16, max_steps=1800, lr=5e-4, lr_backbone=5e-4, frozen=(), warmup_steps=100,
+                          adam_eps=1e-12, lr_drop_step=1500, log_every=25, save_every=250, keep_checkpoints=2,
+                          num_workers=2, stage="detection"),
     )
+
+
+# Stage 2: only bbox_attention and the mask head train (TrainConfig.mask_trainable), mask losses on.
+MASK_STAGE = dict(stage="masks", max_steps=600, warmup_steps=0, lr_drop_step=500)

@@ -181,7 +181,7 @@ def add_demo_command(subparsers) -> None:
     p = subparsers.add_parser("demo", help="generate synthetic data, train a small panoptic DETR, evaluate, draw",
                               description="The embedded default job (see detr_jax/demo.py); resumes if interrupted.")
     p.add_argument("--workdir", default="demo", help="data, checkpoints, metrics and pictures go here")
-    p.add_argument("--max-steps", type=int, help="train steps (default: configs/demo.py)")
+    p.add_argument("--max-steps", type=int, help="train steps of each of the two stages (default: configs/demo.py)")
     p.add_argument("--no-progress", action="store_true")
 
     def run(args, rest) -> int:

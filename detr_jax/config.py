@@ -168,8 +168,9 @@ class Config:
 CONFIG_DIR = __import__("pathlib").Path(__file__).resolve().parent.parent / "configs"
 
 
-def load_config(name_or_path: str) -> Config:
-    """`configs/NAME.py` by name (e.g. "detr_r50_dc5_panoptic") or any path to such a file."""
+def load_config_module(name_or_path: str):
+    """The module of `configs/NAME.py` by name, or of any path to such a file (its `get_config()`
+    and whatever else it defines, such as the demo's `MASK_STAGE`)."""
     import importlib.util
     import pathlib
 
@@ -182,4 +183,9 @@ def load_config(name_or_path: str) -> Config:
     spec = importlib.util.spec_from_file_location(f"detr_jax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module
+
+
+def load_config(name_or_path: str) -> Config:
+    """`configs/NAME.py` by name (e.g. "detr_r50_dc5_panoptic") or any path to such a file."""
+    return load_config_module(name_or_path).get_config()

@@ -1,13 +1,15 @@
 """`detr-jax demo`: the embedded default job, runnable offline on a fresh CPU machine.
 
 Generates the synthetic COCO-panoptic dataset (`detr_jax.data.synthetic`) if absent, trains the
-small panoptic DETR of `configs/demo.py` from scratch, evaluates it on the held-out images (box
-AP, segm AP, PQ), draws predictions next to the ground truth, and prints where everything is.
-Interrupted runs resume from the last checkpoint in `WORKDIR/train`.
+small panoptic DETR of `configs/demo.py` from scratch in the paper's two stages (the detector on
+the panoptic boxes, then the mask head alone with the detector frozen), evaluates it on the
+held-out images (box AP, segm AP, PQ), draws predictions next to the ground truth, and prints
+where everything is.  Interrupted runs resume from the last checkpoint of the running stage.
 
 WORKDIR/
     data/                      the synthetic dataset (COCO layout: train2017/, val2017/, annotations/)
-    train/                     orbax checkpoints, metrics.jsonl, model/ (the exported checkpoint)
+    train/detection/           stage 1: orbax checkpoints, metrics.jsonl, model/ (the detector)
+    train/masks/               stage 2: the same; model/ is the final panoptic model
     metrics.json               the evaluation (all COCO numbers and PQ)
     pictures/val_*.png         ground truth | prediction, for the first held-out images
 """
@@ -17,22 +19,34 @@ import dataclasses
 import json
 import logging
 import pathlib
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from detr_jax.config import Config, load_config
+from detr_jax.config import Config, load_config_module
 
 log = logging.getLogger(__name__)
 
-DATASET = dict(num_train=512, num_val=64, image_size=(128, 128), seed=0)
+# The demo's data: fresh images are cheap (about 5 ms each), and more of them keep the model from
+# memorizing in the few thousand steps of the run.
+DATASET = dict(num_train=4000, num_val=64, image_size=(128, 128), seed=0, max_rotation=15.0)
+STAGES = ("detection", "masks")
 
 
-def demo_config(max_steps: Optional[int] = None) -> Config:
-    config = load_config("demo")
-    if max_steps is not None:
-        config = dataclasses.replace(config, train=dataclasses.replace(config.train, max_steps=max_steps))
-    return config
+def demo_stages(max_steps: Optional[int] = None) -> List[Tuple[str, Config]]:
+    """[(stage name, config)] of the two training stages of `configs/demo.py`: the detector
+    (`get_config()` as it is), then the mask head with `MASK_STAGE`'s overrides of the train
+    config.  `max_steps` caps the steps of each stage (a shortened demo)."""
+    module = load_config_module("demo")
+    detection = module.get_config()
+    masks = dataclasses.replace(detection, train=dataclasses.replace(detection.train, **module.MASK_STAGE))
+    stages = []
+    for name, config in zip(STAGES, (detection, masks)):
+        if max_steps is not None:
+            config = dataclasses.replace(config, train=dataclasses.replace(
+                config.train, max_steps=min(max_steps, config.train.max_steps)))
+        stages.append((name, config))
+    return stages
 
 
 PICTURE_SCALE = 3   # the 128-pixel images are drawn 3x larger, so labels stay legible
@@ -97,7 +111,9 @@ def write_pictures(model, dataset, folder: pathlib.Path, count: int, config: Con
 
 def run_demo(workdir="demo", *, max_steps: Optional[int] = None, num_pictures: int = 8,
              dataset_args: Optional[Dict[str, Any]] = None, progress: bool = True) -> Dict[str, Any]:
-    """Generate (if absent), train (resuming), evaluate and draw; returns the metrics dict."""
+    """Generate (if absent), train both stages (resuming), evaluate and draw; returns the metrics dict.
+
+    `max_steps` caps the steps of each training stage."""
     from detr_jax.checkpoint import load
     from detr_jax.data.coco import CocoPanoptic
     from detr_jax.data.synthetic import ensure_synthetic
@@ -107,19 +123,23 @@ def run_demo(workdir="demo", *, max_steps: Optional[int] = None, num_pictures: i
 
     workdir = pathlib.Path(workdir).absolute()
     root = ensure_synthetic(workdir / "data", **(dataset_args or DATASET))
-    config = demo_config(max_steps)
     train_set, val_set = CocoPanoptic(root, "train2017"), CocoPanoptic(root, "val2017")
-    train(config, workdir / "train", train_set, resume=True, progress=progress)
-    model = load(workdir / "train" / "model")
+    init_from, steps = None, {}
+    for name, config in demo_stages(max_steps):
+        stage_dir = workdir / "train" / name
+        train(config, stage_dir, train_set, resume=True, init_from=init_from, progress=progress)
+        init_from, steps[name] = stage_dir / "model", config.train.max_steps
+    model = load(init_from)
     categories = {c["id"]: {"name": c["name"], "color": c.get("color", (255, 200, 0)), "isthing": bool(c["isthing"])}
                   for c in val_set.categories}
-    metrics = evaluate_model(model, val_set, short_side=config.data.short_side, max_size=config.data.max_size,
-                             bucket_multiple=config.data.bucket_multiple, batch_size=8, progress=progress)
-    metrics["train_steps"] = config.train.max_steps
+    data = config.data
+    metrics = evaluate_model(model, val_set, short_side=data.short_side, max_size=data.max_size,
+                             bucket_multiple=data.bucket_multiple, batch_size=8, progress=progress)
+    metrics["train_steps"] = steps
     (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     pictures = write_pictures(model, val_set, workdir / "pictures", min(num_pictures, len(val_set)), config,
                               categories)
     print(format_results(metrics))
     print(f"\nmetrics: {workdir / 'metrics.json'}\npictures: {pictures[0].parent}/val_*.png "
-          f"({len(pictures)} images: ground truth | prediction)\nmodel: {workdir / 'train' / 'model'}")
+          f"({len(pictures)} images: ground truth | prediction)\nmodel: {init_from}")
     return metrics

@@ -22,11 +22,16 @@ def test_short_demo_writes_data_checkpoints_metrics_and_pictures(tmp_path, capsy
     for value in [saved["bbox"]["AP"], saved["segm"]["AP"], saved["panoptic"]["All"]["pq"]]:
         assert 0.0 <= value <= 1.0
     assert metrics["panoptic"]["All"]["n"] == 6                     # 3 thing + 3 stuff categories
-    rows = [json.loads(line) for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 3 and np.isfinite(rows[-1]["loss"])
+    for stage in ("detection", "masks"):   # the two stages of the panoptic recipe, 3 steps each
+        rows = [json.loads(line) for line in (tmp_path / "train" / stage / "metrics.jsonl").read_text().splitlines()]
+        assert rows[-1]["step"] == 3 and np.isfinite(rows[-1]["loss"])
+    assert "loss_dice" in rows[-1] and "loss_dice" not in json.loads(
+        (tmp_path / "train" / "detection" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert metrics["train_steps"] == {"detection": 3, "masks": 3}
     import detr_jax
 
-    assert detr_jax.load(tmp_path / "train" / "model").config.num_classes == 7
+    detector, model = detr_jax.load(tmp_path / "train" / "detection" / "model"), detr_jax.load(tmp_path / "train" / "masks" / "model")
+    assert model.config.num_classes == 7 and model.config.masks and not detector.config.masks
     pictures = sorted((tmp_path / "pictures").glob("val_*.png"))
     assert len(pictures) == 2
     with Image.open(pictures[0]) as picture:
@@ -37,5 +42,6 @@ def test_short_demo_writes_data_checkpoints_metrics_and_pictures(tmp_path, capsy
     # interrupted or repeated: the demo resumes from its checkpoint instead of starting over
     code = cli.main(["demo", "--workdir", str(tmp_path), "--max-steps", "3", "--no-progress"])
     assert code == 0
-    rows = [json.loads(line) for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 3
+    for stage in ("detection", "masks"):
+        rows = [json.loads(line) for line in (tmp_path / "train" / stage / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if "loss" in r] == [3]

@@ -78,6 +78,28 @@ def test_objects_are_large_enough_and_occlusion_leaves_them_visible():
         np.testing.assert_array_equal(sum(m.astype(int) for _, _, m in segments), 1)
 
 
+def test_squares_stand_on_a_side_and_triangles_point_up_unless_turned():
+    square = synthetic._shape_mask(2, 32.0, 32.0, 20.0, 0.0, 64, 64)
+    ys, xs = np.nonzero(square)
+    assert square[ys.min():ys.max() + 1, xs.min():xs.max() + 1].all()            # fills its box
+    assert ys.max() - ys.min() + 1 == xs.max() - xs.min() + 1 == 20
+    triangle = synthetic._shape_mask(3, 32.0, 32.0, 30.0, 0.0, 64, 64)
+    widths = triangle.sum(axis=1)[triangle.any(axis=1)]
+    assert widths[0] < 5 and widths[-1] > 25 and np.all(np.diff(widths) >= 0)    # apex on top
+    diamond = synthetic._shape_mask(2, 32.0, 32.0, 20.0, np.pi / 4, 64, 64)
+    ys, xs = np.nonzero(diamond)
+    assert not diamond[ys.min():ys.max() + 1, xs.min():xs.max() + 1].all()
+
+
+def test_orientations_stay_within_max_rotation():
+    upright = [synthetic.render(0, "train2017", i, (128, 128), max_rotation=0.0)[1] for i in range(6)]
+    squares = [m for segments in upright for _, cat, m in segments if cat == 2]
+    assert squares
+    filled = [m[np.ix_(m.any(1), m.any(0))].mean() for m in squares]
+    # unoccluded upright squares fill their box; occluded ones keep at least half of it
+    assert max(filled) == 1.0 and min(filled) >= synthetic.MIN_VISIBLE_FRACTION
+
+
 def test_deterministic_by_seed(root, tmp_path):
     again = synthetic.generate(tmp_path / "again", **PARAMS)
     other = synthetic.generate(tmp_path / "other", **dict(PARAMS, seed=4))
