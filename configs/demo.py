@@ -1,6 +1,6 @@
 """The embedded default: a small panoptic DETR trained from scratch on the synthetic dataset
-(`detr_jax.data.synthetic`: circles, squares, triangles over sky / grass / wall) in about ten
-minutes on a 2-core CPU.  Used by `detr-jax demo`, in the paper's two stages: `get_config()` is
+(`detr_jax.data.synthetic`: circles, squares, triangles over sky / grass / wall) on a 2-core CPU
+(the whole demo: 13 min 43 s on a quiet machine).  Used by `detr-jax demo`, in the paper's two stages: `get_config()` is
 stage 1, the detector trained on the panoptic boxes (no mask head); `MASK_STAGE` overrides its
 train config for stage 2, the mask head alone on the frozen detector.
 
