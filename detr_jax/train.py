@@ -128,10 +128,9 @@ def replicate_on_devices(tree: Any) -> Any:
 
 
 def unreplicate(tree: Any) -> Any:
-    """The first local copy of a replicated tree (a pmap result, or `replicate`'s host arrays when no
-    step ran, e.g. resuming a finished run), as host numpy arrays."""
-    first = lambda x: x.addressable_data(0)[0] if isinstance(x, jax.Array) else np.asarray(x)[0]  # noqa: E731
-    return jax.device_get(jax.tree.map(first, tree))
+    """The first local copy of a replicated device tree (a pmap result, `replicate_on_devices`'s
+    too when no step ran, e.g. resuming a finished run), as host numpy arrays."""
+    return jax.device_get(jax.tree.map(lambda x: x.addressable_data(0)[0], tree))
 
 
 def shard_batch(batch: Dict[str, np.ndarray], keys) -> Dict[str, np.ndarray]:
