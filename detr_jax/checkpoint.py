@@ -56,6 +56,32 @@ def load_variables(path, config: ModelConfig) -> Dict[str, Any]:
         return checkpointer.restore(pathlib.Path(path).absolute() / "variables", abstract)
 
 
+MASK_QUERY_MULTIPLE = 8   # `mask_threshold`: the mask head runs on a multiple of this many queries
+SCORE_MARGIN = 1e-4       # queries this far below the threshold are kept too (float rounding)
+
+
+def queries_over_threshold(logits: np.ndarray, threshold: float) -> np.ndarray:
+    """int32 [B, K]: the K best queries by real-class probability (softmax of `logits` [B, Q, C+1]
+    without the last, no-object, logit), K = the most that pass `threshold` in one image rounded up
+    to a multiple of `MASK_QUERY_MULTIPLE` (at most Q)."""
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    probabilities = np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
+    scores = probabilities[..., :-1].max(axis=-1)
+    passing = int((scores > threshold - SCORE_MARGIN).sum(axis=-1).max())
+    k = min(logits.shape[1], max(1, -(-passing // MASK_QUERY_MULTIPLE)) * MASK_QUERY_MULTIPLE)
+    return np.argsort(-scores, axis=-1, kind="stable")[:, :k].astype(np.int32)
+
+
+def _masks_of_queries(config: ModelConfig, params, mask_inputs, indices):
+    """[B, Q, H/4, W/4] mask logits: those of `indices` [B, K], `MASK_FILL` for the others."""
+    from detr_jax.models.detr import MASK_FILL, mask_logits
+
+    masks = mask_logits(config, params, mask_inputs, indices)
+    b = masks.shape[0]
+    full = jnp.full((b, config.num_queries, *masks.shape[2:]), MASK_FILL, jnp.float32)
+    return full.at[jnp.arange(b)[:, None], indices].set(masks)
+
+
 class DETRModel:
     """A converted or trained DETR ready to run: `.config`, `.variables`, `__call__`.
 
@@ -74,12 +100,29 @@ class DETRModel:
         self._apply = jax.jit(self.module.apply, static_argnames=("train", "padding_invariant", "mask_queries"))
         self._apply_capture = jax.jit(functools.partial(self.module.apply, mutable=["intermediates"]),
                                       static_argnames=("train", "padding_invariant"))
+        self._masks_of = jax.jit(functools.partial(_masks_of_queries, config))
 
     def __call__(self, pixel_values, pixel_mask, *, padding_invariant: bool = True,
-                 mask_queries: Optional[int] = None) -> Dict[str, Any]:
-        """`mask_queries=K` runs the mask head on the K best queries only (see detr_jax.models.detr)."""
-        return self._apply(self.variables, jnp.asarray(pixel_values), jnp.asarray(pixel_mask, bool),
-                           padding_invariant=padding_invariant, mask_queries=mask_queries)
+                 mask_queries: Optional[int] = None, mask_threshold: Optional[float] = None) -> Dict[str, Any]:
+        """`mask_queries=K` runs the mask head on the K best queries only (see detr_jax.models.detr).
+
+        `mask_threshold=t` (panoptic models): the mask head runs only on the queries whose best
+        real-class probability exceeds `t` in some image of the batch, their count rounded up to a
+        multiple of `MASK_QUERY_MULTIPLE` (one compile per count); the other queries' masks are
+        `MASK_FILL`.  Exact for every post-processor that keeps queries by a score above `t`: two
+        calls, the model without the mask head, then the mask head on the chosen queries.
+        """
+        pixel_values, pixel_mask = jnp.asarray(pixel_values), jnp.asarray(pixel_mask, bool)
+        if mask_threshold is None or not self.config.masks:
+            return self._apply(self.variables, pixel_values, pixel_mask,
+                               padding_invariant=padding_invariant, mask_queries=mask_queries)
+        out = dict(self._apply(self.variables, pixel_values, pixel_mask, padding_invariant=padding_invariant,
+                               mask_queries=0))
+        inputs = out.pop("mask_inputs")
+        indices = queries_over_threshold(np.asarray(out["pred_logits"]), mask_threshold)
+        out["pred_masks"] = self._masks_of(self.variables["params"], inputs, jnp.asarray(indices))
+        out["mask_query_indices"] = indices
+        return out
 
     def with_intermediates(self, pixel_values, pixel_mask, *, padding_invariant: bool = True):
         """(outputs, intermediates): backbone_layer1..4, feature_mask, position_embedding, projected, memory, decoder_hs, attention_maps."""

@@ -48,7 +48,7 @@ from detr_jax.postprocess import (PANOPTIC_THRESHOLD, postprocess_boxes, postpro
 
 DETECTION_THRESHOLD = 0.7  # reported detections: PostProcess score (max softmax over the real classes) above this
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif")
-MASK_QUERIES = 32  # mask-head queries at inference (see `mask_queries`)
+MASK_QUERIES = "auto"  # mask-head queries at inference (see `mask_queries`)
 OUTPUT_KEYS = ("pred_logits", "pred_boxes", "pred_masks")  # what leaves the device (no aux outputs)
 
 
@@ -102,9 +102,11 @@ class Predictor:
       max_pixels: larger images are refused (from the header, before decoding).
       return_masks: also return each reported detection's binary mask at the original size
         (PostProcessSegm, crop=True), e.g. for mask AP.
-      mask_queries: run the mask head on this many best queries only (most of a panoptic model's
-        time); if a skipped query could pass a threshold in use, the batch is rerun with all
-        queries, so results are the same either way.  None: always all queries.
+      mask_queries: which queries the mask head (most of a panoptic model's time) runs on; the
+        results are the same either way.  "auto" (default): those whose score passes the lowest
+        threshold in use, their count rounded up to a multiple of 8 (the model runs in two calls,
+        see `DETRModel.__call__`'s `mask_threshold`).  An int K: the K best (one call; the batch
+        is rerun with all queries when a skipped query could pass).  None: always all queries.
     """
 
     def __init__(self, model, *, short_side: int = DataConfig.short_side, max_size: Optional[int] = DataConfig.max_size,
@@ -113,7 +115,7 @@ class Predictor:
                  bucket_multiple: Optional[int] = DataConfig.bucket_multiple, padding_invariant: bool = True,
                  dataset: Optional[str] = None, label_names: Union[Sequence[str], Mapping[int, str], None] = None,
                  is_thing_map=None, max_pixels: Optional[int] = DataConfig.max_image_pixels,
-                 return_masks: bool = False, mask_queries: Optional[int] = MASK_QUERIES):
+                 return_masks: bool = False, mask_queries: Union[int, str, None] = MASK_QUERIES):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = _as_model(model)
@@ -124,6 +126,8 @@ class Predictor:
         self.label_names = label_names
         self.is_thing_map = is_thing_map
         self.max_pixels, self.return_masks = max_pixels, return_masks
+        if not (mask_queries is None or mask_queries == "auto" or (isinstance(mask_queries, int) and mask_queries > 0)):
+            raise ValueError(f'mask_queries must be "auto", a positive int or None, got {mask_queries!r}')
         self.mask_queries = mask_queries
         # (B, H, W) -> {"calls", "first_s" (the first call: compilation + one run), "total_s"}
         self.shape_stats: Dict[Tuple[int, int, int], Dict[str, float]] = {}
@@ -210,8 +214,11 @@ class Predictor:
         shape = pixel_values.shape[:3]
         start = time.perf_counter()
         needed = min(self.panoptic_threshold, self.threshold if self.return_masks else 1.0)
-        top_k = self.mask_queries if self.panoptic and needed > 0 else None
-        out = self.model(pixel_values, pixel_mask, padding_invariant=self.padding_invariant, mask_queries=top_k)
+        if self.panoptic and needed > 0 and self.mask_queries == "auto":
+            out = self.model(pixel_values, pixel_mask, padding_invariant=self.padding_invariant, mask_threshold=needed)
+        else:
+            top_k = self.mask_queries if self.panoptic and needed > 0 else None
+            out = self.model(pixel_values, pixel_mask, padding_invariant=self.padding_invariant, mask_queries=top_k)
         if "mask_score_cutoff" in out and float(np.max(out["mask_score_cutoff"])) > needed:  # may be kept
             out = self.model(pixel_values, pixel_mask, padding_invariant=self.padding_invariant)
         out = jax.device_get({k: out[k] for k in OUTPUT_KEYS if k in out})

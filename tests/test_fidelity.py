@@ -123,3 +123,21 @@ def test_mask_head_on_the_best_queries_only_is_exact_for_them(reference_model):
     others = np.setdiff1d(np.arange(100), selected)
     assert (np.asarray(top["pred_masks"][0, others]) == -1e4).all()
     np.testing.assert_array_equal(np.asarray(top["pred_logits"]), np.asarray(full["pred_logits"]))
+
+
+def test_mask_head_on_the_queries_over_a_threshold_is_exact_for_them(reference_model):
+    """`mask_threshold=t`: two calls (the model without its mask head, then the mask head on the
+    queries over t, their count rounded up to a multiple of 8): the kept queries' masks equal the
+    full run's, the others are MASK_FILL, everything else is unchanged."""
+    pixel_values, pixel_mask = single_inputs()
+    full = reference_model(pixel_values, pixel_mask)
+    out = reference_model(pixel_values, pixel_mask, mask_threshold=0.85)
+    kept = reference_arrays("postprocess_single.npz", ["panoptic_threshold_kept_queries_0"])
+    selected = np.asarray(out["mask_query_indices"][0])
+    assert len(selected) == 24                                                # 23 pass -> 24
+    assert set(kept["panoptic_threshold_kept_queries_0"]) <= set(selected)
+    assert_close(out["pred_masks"][0, selected], full["pred_masks"][0, selected], "selected masks")
+    others = np.setdiff1d(np.arange(100), selected)
+    assert (np.asarray(out["pred_masks"][0, others]) == -1e4).all()
+    for key in ("pred_logits", "pred_boxes"):
+        np.testing.assert_array_equal(np.asarray(out[key]), np.asarray(full[key]))

@@ -234,7 +234,7 @@ class OriginalOutputs:
                                                            "pred_masks"])
         self.calls = []
 
-    def __call__(self, pixel_values, pixel_mask, *, padding_invariant=True, mask_queries=None):
+    def __call__(self, pixel_values, pixel_mask, *, padding_invariant=True, mask_queries=None, mask_threshold=None):
         u8 = self.ref["image_resized_uint8_0"]
         h, w = u8.shape[:2]
         b, hp, wp = pixel_mask.shape
@@ -337,12 +337,34 @@ def test_padding_and_batch_mates_do_not_change_the_results(reference_model, chel
 @pytest.mark.parametrize("panoptic_threshold", [0.05, 0.5])
 def test_mask_head_on_the_best_queries_gives_the_same_results(tiny_checkpoint, panoptic_threshold):
     """With a low threshold more than K queries pass and the Predictor reruns with all of them;
-    with a high one the K best suffice.  Either way the results equal the full mask head's."""
+    with a high one the K best suffice; "auto" runs the mask head on those over the threshold.
+    Each way the results equal the full mask head's."""
     photos = [random_photo(5, 70, 90), random_photo(6, 64, 64)]
     kwargs = dict(short_side=64, max_size=96, batch_size=2, threshold=0.0, panoptic_threshold=panoptic_threshold)
-    top = Predictor(tiny_checkpoint, mask_queries=3, **kwargs).predict(photos)
     full = Predictor(tiny_checkpoint, mask_queries=None, **kwargs).predict(photos)
+    for top in (Predictor(tiny_checkpoint, mask_queries=3, **kwargs).predict(photos),
+                Predictor(tiny_checkpoint, mask_queries="auto", **kwargs).predict(photos)):
+        assert_same_results(top, full)
+
+
+def assert_same_results(top, full):
     for a, b in zip(top, full):
         np.testing.assert_array_equal(a["id_map"], b["id_map"])
         assert [s["category_id"] for s in a["segments_info"]] == [s["category_id"] for s in b["segments_info"]]
         np.testing.assert_array_equal(a["boxes"], b["boxes"])
+
+
+def test_queries_over_threshold_are_the_best_ones_counted_up_to_a_multiple_of_8():
+    from detr_jax.checkpoint import queries_over_threshold
+
+    logits = np.zeros((2, 20, 4))
+    logits[..., -1] = 10.0                       # every query says "no object"...
+    logits[0, [3, 7, 11], 0] = 20.0              # ...but 3 of image 0
+    logits[1, :10, 1] = 20.0                     # ...and 10 of image 1
+    logits[1, 0, 1] = 30.0
+    indices = queries_over_threshold(logits, 0.85)
+    assert indices.shape == (2, 16)              # the most in one image, 10, rounded up to 16
+    assert set(indices[0, :3]) == {3, 7, 11} and set(indices[1, :10]) == set(range(10))
+    assert indices[1, 0] == 0                    # best first
+    assert queries_over_threshold(np.zeros((1, 20, 4)), 0.85).shape == (1, 8)     # none pass: 8
+    assert queries_over_threshold(np.zeros((1, 20, 4)), 0.1).shape == (1, 20)     # all pass: all 20

@@ -14,7 +14,10 @@ Masks of selected queries only (`mask_queries=K`, inference): the post-processor
 whose best real-class probability passes a threshold, so the mask head (most of the panoptic
 model's FLOPs) can run on the K best queries alone.  `pred_masks` keeps its [B, Q, ...] layout with
 `MASK_FILL` for the others, and `mask_score_cutoff` [B] gives the best score left out: when it
-passes the caller's threshold, run again with all queries (exact either way).
+passes the caller's threshold, run again with all queries (exact either way).  Exact in one go:
+`mask_queries=0` skips the mask head and returns its inputs as `mask_inputs` (a dict of arrays);
+`mask_logits(config, params, mask_inputs, indices)` then runs it on any chosen queries (the
+Predictor picks the queries over its threshold, padded to a multiple of 8; one compile per count).
 
 Padding: with `padding_invariant=True` (the default) every image in a padded batch gives what it
 gives alone, unpadded: activations outside each image's valid region are zeroed after every
@@ -47,6 +50,28 @@ def select_mask_queries(logits: jnp.ndarray, k: int):
     scores = jax.nn.softmax(logits, axis=-1)[..., :-1].max(axis=-1)
     top, indices = jax.lax.top_k(scores, k + 1)
     return indices[:, :k], top[:, k]
+
+
+def mask_modules(cfg: ModelConfig, named: bool = False):
+    """(bbox_attention, mask_head) modules of the panoptic model, named as in DETR's tree when `named`."""
+    dt = jnp.dtype(cfg.dtype)
+    names = ("bbox_attention", "mask_head") if named else (None, None)
+    return (MHAttentionMap(cfg.hidden_dim, cfg.num_heads, dt, name=names[0]),
+            MaskHeadSmallConv(cfg.hidden_dim, cfg.num_heads, dt, name=names[1]))
+
+
+def mask_logits(config: ModelConfig, params: Dict[str, Any], mask_inputs: Dict[str, Any],
+                query_indices: jnp.ndarray) -> jnp.ndarray:
+    """Mask logits float32 [B, K, H/4, W/4] of the queries `query_indices` int [B, K], from the
+    `mask_inputs` of a `mask_queries=0` run and the model's `params` (the same values as the full
+    model gives for those queries)."""
+    attention_module, head = mask_modules(config)
+    queries = jnp.take_along_axis(mask_inputs["queries"], query_indices[..., None], axis=1)
+    attention = attention_module.apply({"params": params["bbox_attention"]}, queries, mask_inputs["memory"],
+                                       mask_inputs["valid"])
+    masks = head.apply({"params": params["mask_head"]}, mask_inputs["src"], attention, mask_inputs["fpns"],
+                       mask_inputs["sizes"])
+    return masks.astype(jnp.float32)
 
 
 class MLP(nn.Module):
@@ -114,17 +139,22 @@ class DETR(nn.Module):
         if cfg.aux_loss:
             out["aux_outputs"] = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])]
         if cfg.masks:
+            mask_sizes = [feature_sizes[3], feature_sizes[2], feature_sizes[1], feature_sizes[0]] \
+                if padding_invariant else None
+            inputs = dict(queries=hs[-1], memory=memory, valid=valid, src=src,
+                          fpns=[features[2], features[1], features[0]], sizes=mask_sizes)
+            if mask_queries == 0:
+                out["mask_inputs"] = inputs
+                return out
             queries = hs[-1]
             selected = mask_queries is not None and mask_queries < cfg.num_queries
             if selected:
                 indices, out["mask_score_cutoff"] = select_mask_queries(logits[-1], mask_queries)
                 queries = jnp.take_along_axis(queries, indices[..., None], axis=1)
-            attention = MHAttentionMap(cfg.hidden_dim, cfg.num_heads, dt, name="bbox_attention")(queries, memory, valid)
+            attention_module, head = mask_modules(cfg, named=True)
+            attention = attention_module(queries, memory, valid)
             self.sow("intermediates", "attention_maps", attention)
-            mask_sizes = [feature_sizes[3], feature_sizes[2], feature_sizes[1], feature_sizes[0]] \
-                if padding_invariant else None
-            masks = MaskHeadSmallConv(cfg.hidden_dim, cfg.num_heads, dt, name="mask_head")(
-                src, attention, [features[2], features[1], features[0]], mask_sizes).astype(jnp.float32)
+            masks = head(src, attention, inputs["fpns"], mask_sizes).astype(jnp.float32)
             if selected:
                 full = jnp.full((b, cfg.num_queries, *masks.shape[2:]), MASK_FILL, jnp.float32)
                 masks = full.at[jnp.arange(b)[:, None], indices].set(masks)
