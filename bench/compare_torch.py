@@ -12,6 +12,12 @@ all of it to `--out`.
 Cases:
   panoptic_bN   R50-DC5 panoptic (DETRsegm, 250 classes), N images of 800x1066, no padding
   detection_bN  R50 detection (91 classes: the recipe without the mask head, class_embed resized)
+  panoptic_photo  R50-DC5 panoptic from a photo file to the post-processed panoptic result: a
+                600x800 photo (coffee, resized once) loaded and resized to 800x1066, normalized,
+                the model, PostProcessPanoptic (threshold 0.85).  Both sides use detr_jax's numpy
+                pre- and post-processing (which reproduce the original's, tests/test_predict.py);
+                jax: the mask head on the queries over the threshold only (`mask_threshold`), torch:
+                the original, all 100 queries
   pipeline      detr_jax pre-processing of the photo folder and post-processing (boxes, panoptic)
                 of the original's outputs at inference size (forward_large.npz); JAX side only
   train_step    hook for bench/bench_train_step.py (`run_benchmark()`), when it exists
@@ -62,7 +68,8 @@ class ModelCase:
 
 
 MODEL_CASES = {f"{kind}_b{b}": ModelCase(kind == "panoptic", b) for kind in ("panoptic", "detection") for b in (1, 4)}
-OTHER_CASES = {"pipeline": ("jax",), "train_step": ("jax",)}
+OTHER_CASES = {"panoptic_photo": ("jax", "torch"), "pipeline": ("jax",), "train_step": ("jax",)}
+PHOTO_HW = (600, 800)          # panoptic_photo: resized to 800x1066 by the eval resize (800 / 1333)
 ALL_CASES = list(MODEL_CASES) + list(OTHER_CASES)
 
 
@@ -168,6 +175,84 @@ def run_torch(case: ModelCase, repeats: int, compile_model: bool) -> Dict[str, o
     return timing
 
 
+def run_panoptic_photo(framework: str, repeats: int) -> Dict[str, object]:
+    """Photo file -> panoptic result, R50-DC5 panoptic (see the module docstring)."""
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    from detr_jax import postprocess
+    from detr_jax.data.preprocess import load_image, normalize, resize_for_eval
+
+    sd = recipe_state_dict()
+    with tempfile.TemporaryDirectory() as tmp:
+        photo = pathlib.Path(tmp) / "coffee_600x800.png"
+        Image.open(FIXTURES / "photos" / "coffee.png").convert("RGB").resize(PHOTO_HW[::-1], Image.BILINEAR).save(photo)
+        if framework == "jax":
+            import jax
+
+            from detr_jax import convert
+            from detr_jax.checkpoint import DETRModel
+
+            config = convert.infer_config(convert.canonical_state_dict(sd), {"name": "dc5"})
+            model = DETRModel(config, jax.device_put(convert.convert_state_dict(sd, config)))
+
+            def forward(x, valid):
+                out = model(x, valid, mask_threshold=postprocess.PANOPTIC_THRESHOLD)
+                return np.asarray(out["pred_logits"]), np.asarray(out["pred_masks"])
+        else:
+            import torch
+
+            import torch_detr
+
+            model = torch_detr.load_state_dict(
+                torch_detr.build_detr("resnet50", dilation=True, masks=True, num_classes=250).eval(), sd)
+
+            def forward(x, valid):
+                with torch.no_grad():
+                    out = model(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
+                                torch.from_numpy(~valid))
+                return out["pred_logits"].numpy(), out["pred_masks"].numpy()
+
+        stages: Dict[str, List[float]] = {"preprocess_s": [], "model_s": [], "postprocess_s": []}
+        results = []
+
+        def call():
+            t0 = time.perf_counter()
+            image = resize_for_eval(load_image(photo), 800, 1333)
+            x, valid = normalize(image)[None], np.ones((1, *image.shape[:2]), bool)
+            t1 = time.perf_counter()
+            logits, masks = forward(x, valid)
+            t2 = time.perf_counter()
+            results.append(postprocess.postprocess_panoptic(logits, masks, np.array([image.shape[:2]]),
+                                                            np.array([PHOTO_HW]))[0])
+            t3 = time.perf_counter()
+            for key, value in zip(stages, (t1 - t0, t2 - t1, t3 - t2)):
+                stages[key].append(value)
+
+        timing = common.time_calls(call, repeats)
+        if framework == "jax":   # XLA's FLOP count of the two programs (model without mask head; mask head)
+            image = resize_for_eval(load_image(photo), 800, 1333)
+            x, valid = jax.numpy.asarray(normalize(image)[None]), jax.numpy.ones((1, *image.shape[:2]), bool)
+            out = dict(model._apply(model.variables, x, valid, mask_queries=0))
+            from detr_jax.checkpoint import queries_over_threshold
+            indices = jax.numpy.asarray(queries_over_threshold(np.asarray(out["pred_logits"]), postprocess.PANOPTIC_THRESHOLD))
+            costs = [model._apply.lower(model.variables, x, valid, mask_queries=0).compile().cost_analysis(),
+                     model._masks_of.lower(model.variables["params"], out["mask_inputs"], indices).compile().cost_analysis()]
+            costs = [c[0] if isinstance(c, (list, tuple)) else c for c in costs]
+            timing["flops"] = float(sum(c.get("flops", 0.0) for c in costs))
+            timing["mask_queries"] = int(indices.shape[1])
+    import statistics
+    timing.update({k: statistics.median(v[1:]) for k, v in stages.items()})
+    timing["first_call_s"] = timing["first_s"]
+    timing["input_hw"] = [800, 1066]
+    last = results[-1]
+    timing["segments"] = [(int(s["category_id"]), bool(s["isthing"]), int(s["area"])) for s in last["segments_info"]]
+    timing["id_map_uint8_b64"] = __import__("base64").b64encode(last["id_map"].astype(np.uint8).tobytes()).decode()
+    return timing
+
+
 def run_pipeline(repeats: int) -> Dict[str, object]:
     """Pre-processing of the photo folder (load, resize 800/1333, normalize, pad) and post-processing
     of the original's outputs for a 800x1185 photo (boxes + panoptic, all 100 queries)."""
@@ -230,6 +315,8 @@ def child(framework: str, case: str, repeats: int, threads: int, padding_invaria
                 result.update(run_jax(model_case, repeats, padding_invariant, mask_queries))
             else:
                 result.update(run_torch(model_case, repeats, framework == "torch_compile"))
+        elif case == "panoptic_photo":
+            result.update(run_panoptic_photo(framework, repeats))
         elif case == "pipeline":
             result.update(run_pipeline(repeats))
         else:
@@ -342,9 +429,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"\nfloat32 matmul peak ({common.MATMUL_N}^3): "
           + ", ".join(f"{r['case']}/{r['framework']} {r['matmul_gflops']:.0f}" for r in results if r.get("matmul_gflops"))
           + f" GFLOP/s; % of peak below uses the best, {fmt(peak)} GFLOP/s\n")
-    model_results = [r for r in results if r["case"] in MODEL_CASES]
+    model_results = [r for r in results if r["case"] in MODEL_CASES or r["case"] == "panoptic_photo"]
     if model_results:
         print(table(model_results, peak))
+    photo = {r["framework"]: r for r in results if r["case"] == "panoptic_photo" and "median_s" in r}
+    for fw, r in photo.items():
+        print(f"\npanoptic_photo {fw}: preprocess {1e3 * r['preprocess_s']:.0f} ms, model {1e3 * r['model_s']:.0f} ms, "
+              f"post-process {1e3 * r['postprocess_s']:.0f} ms (medians); {len(r['segments'])} segments")
+    if len(photo) == 2:
+        import base64
+
+        import numpy as np
+        maps = [np.frombuffer(base64.b64decode(r.pop("id_map_uint8_b64")), np.uint8) for r in photo.values()]
+        segments = [[s[:2] for s in r["segments"]] for r in photo.values()]
+        areas = [np.array([s[2] for s in r["segments"]]) for r in photo.values()]
+        print(f"panoptic_photo, jax vs torch: segment lists (category, isthing) "
+              f"{'identical' if segments[0] == segments[1] else 'DIFFERENT'}; pixels with the same segment id "
+              f"{100 * float((maps[0] == maps[1]).mean()):.3f} %"
+              + (f"; areas differ by at most {int(np.abs(areas[0] - areas[1]).max())} pixels"
+                 if segments[0] == segments[1] else ""))
     for r in results:
         if r["case"] == "pipeline":
             if "median_s" in r:

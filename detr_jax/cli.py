@@ -182,6 +182,9 @@ def add_demo_command(subparsers) -> None:
                               description="The embedded default job (see detr_jax/demo.py); resumes if interrupted.")
     p.add_argument("--workdir", default="demo", help="data, checkpoints, metrics and pictures go here")
     p.add_argument("--max-steps", type=int, help="train steps of each of the two stages (default: configs/demo.py)")
+    p.add_argument("--schedule", default="default",
+                   help='"default" (about 14 minutes on 2 cores) or "long" (what box AP and PQ >= 50 take; '
+                        'SCHEDULES in configs/demo.py)')
     p.add_argument("--no-progress", action="store_true")
 
     def run(args, rest) -> int:
@@ -190,7 +193,7 @@ def add_demo_command(subparsers) -> None:
         from detr_jax.demo import run_demo
 
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
-        run_demo(args.workdir, max_steps=args.max_steps, progress=not args.no_progress)
+        run_demo(args.workdir, max_steps=args.max_steps, progress=not args.no_progress, schedule=args.schedule)
         return 0
 
     p.set_defaults(run=run)

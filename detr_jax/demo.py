@@ -33,15 +33,25 @@ DATASET = dict(num_train=4000, num_val=64, image_size=(128, 128), seed=0, max_ro
 STAGES = ("detection", "masks")
 
 
-def demo_stages(max_steps: Optional[int] = None) -> List[Tuple[str, Config]]:
+def schedules() -> List[str]:
+    """Names of the demo's training schedules (`SCHEDULES` of configs/demo.py)."""
+    return list(load_config_module("demo").SCHEDULES)
+
+
+def demo_stages(max_steps: Optional[int] = None, schedule: str = "default") -> List[Tuple[str, Config]]:
     """[(stage name, config)] of the two training stages of `configs/demo.py`: the detector
     (`get_config()` as it is), then the mask head with `MASK_STAGE`'s overrides of the train
-    config.  `max_steps` caps the steps of each stage (a shortened demo)."""
+    config; `schedule` (a key of its `SCHEDULES`) overrides the steps of each.  `max_steps` caps
+    the steps of each stage (a shortened demo)."""
     module = load_config_module("demo")
+    if schedule not in module.SCHEDULES:
+        raise ValueError(f"unknown demo schedule {schedule!r}; known: {sorted(module.SCHEDULES)}")
     detection = module.get_config()
     masks = dataclasses.replace(detection, train=dataclasses.replace(detection.train, **module.MASK_STAGE))
     stages = []
     for name, config in zip(STAGES, (detection, masks)):
+        overrides = module.SCHEDULES[schedule].get(name, {})
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, **overrides))
         if max_steps is not None:
             config = dataclasses.replace(config, train=dataclasses.replace(
                 config.train, max_steps=min(max_steps, config.train.max_steps)))
@@ -110,10 +120,13 @@ def write_pictures(model, dataset, folder: pathlib.Path, count: int, config: Con
 
 
 def run_demo(workdir="demo", *, max_steps: Optional[int] = None, num_pictures: int = 8,
-             dataset_args: Optional[Dict[str, Any]] = None, progress: bool = True) -> Dict[str, Any]:
+             dataset_args: Optional[Dict[str, Any]] = None, progress: bool = True,
+             schedule: str = "default") -> Dict[str, Any]:
     """Generate (if absent), train both stages (resuming), evaluate and draw; returns the metrics dict.
 
-    `max_steps` caps the steps of each training stage."""
+    `max_steps` caps the steps of each training stage; `schedule` names the steps of both (see
+    `demo_stages`); a schedule other than "default" trains in train/SCHEDULE_detection/ and
+    train/SCHEDULE_masks/."""
     from detr_jax.checkpoint import load
     from detr_jax.data.coco import CocoPanoptic
     from detr_jax.data.synthetic import ensure_synthetic
@@ -122,11 +135,12 @@ def run_demo(workdir="demo", *, max_steps: Optional[int] = None, num_pictures: i
     from detr_jax.train import train
 
     workdir = pathlib.Path(workdir).absolute()
+    stages = demo_stages(max_steps, schedule)   # an unknown schedule fails before any work
     root = ensure_synthetic(workdir / "data", **(dataset_args or DATASET))
     train_set, val_set = CocoPanoptic(root, "train2017"), CocoPanoptic(root, "val2017")
     init_from, steps = None, {}
-    for name, config in demo_stages(max_steps):
-        stage_dir = workdir / "train" / name
+    for name, config in stages:
+        stage_dir = workdir / "train" / (name if schedule == "default" else f"{schedule}_{name}")
         train(config, stage_dir, train_set, resume=True, init_from=init_from, progress=progress)
         init_from, steps[name] = stage_dir / "model", config.train.max_steps
     model = load(init_from)
@@ -135,7 +149,7 @@ def run_demo(workdir="demo", *, max_steps: Optional[int] = None, num_pictures: i
     data = config.data
     metrics = evaluate_model(model, val_set, short_side=data.short_side, max_size=data.max_size,
                              bucket_multiple=data.bucket_multiple, batch_size=8, progress=progress)
-    metrics["train_steps"] = steps
+    metrics["train_steps"], metrics["schedule"] = steps, schedule
     (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     pictures = write_pictures(model, val_set, workdir / "pictures", min(num_pictures, len(val_set)), config,
                               categories)

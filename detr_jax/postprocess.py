@@ -19,8 +19,10 @@ Split between device and host:
 - host `numpy`: everything with data-dependent shapes: per-image cropping and nearest resizing to
   the original size (`postprocess_instance_masks`), the panoptic bookkeeping (kept queries, stuff
   merging, the small-segment loop, the PIL resize, `postprocess_panoptic`) and PNG encoding.
-`resize_bilinear` runs on numpy arrays too (same arithmetic), which the panoptic path uses so that
-a varying number of kept queries never triggers a compilation.
+`resize_bilinear` runs on numpy arrays too (same arithmetic).  The panoptic path resamples the
+kept masks and takes the per-pixel argmax in one jitted program (`_resample_and_pick`, 13x faster
+than numpy for 24 masks at 800x1066), its shapes bucketed (kept queries to a multiple of 8,
+output to a multiple of 128) so that few shapes compile.
 """
 from __future__ import annotations
 
@@ -284,17 +286,23 @@ def _lane_sum(e: np.ndarray) -> np.ndarray:
     return acc[0]
 
 
-def _softmax_argmax(masks: np.ndarray) -> np.ndarray:
-    """argmax over K of torch.softmax(masks [K, h, w]) per pixel -> int64 [h, w]."""
+def _argmax_and_near_ties(xp, x):
+    """x [K, ...] -> (argmax over K, whether the runner-up is within the near-tie gap)."""
+    best = xp.argmax(x, axis=0)
+    top = x.max(axis=0)
+    rest = xp.where(xp.arange(len(x)).reshape((-1,) + (1,) * (x.ndim - 1)) == best[None], -xp.inf, x).max(axis=0)
+    return best, top - rest <= _NEAR_TIE * xp.maximum(1, xp.abs(top))
+
+
+def _softmax_argmax(masks: np.ndarray, picked=None) -> np.ndarray:
+    """argmax over K of torch.softmax(masks [K, h, w]) per pixel -> int64 [h, w].  `picked`:
+    `_argmax_and_near_ties(masks)` when already computed (on the device)."""
     k, h, w = masks.shape
     x = masks.reshape(k, -1)
-    best = np.argmax(x, axis=0)
     if k == 1:
-        return best.reshape(h, w)
-    top = np.take_along_axis(x, best[None], 0)[0]
-    rest = x.copy()
-    np.put_along_axis(rest, best[None], -np.inf, 0)
-    near = np.flatnonzero(top - rest.max(0) <= _NEAR_TIE * np.maximum(1, np.abs(top)))
+        return np.zeros((h, w), np.int64)
+    best, near = picked if picked is not None else _argmax_and_near_ties(np, masks)
+    best, near = np.asarray(best, np.int64).reshape(-1), np.flatnonzero(np.asarray(near).reshape(-1))
     if len(near):
         sub = x[:, near]
         e = _sleef_expf(sub - sub.max(0))
@@ -302,29 +310,56 @@ def _softmax_argmax(masks: np.ndarray) -> np.ndarray:
     return best.reshape(h, w)
 
 
-def _segment_map(masks: np.ndarray, count: int, merge: Sequence[Sequence[int]], orig_hw) -> np.ndarray:
+def _segment_map(masks: np.ndarray, count: int, merge: Sequence[Sequence[int]], orig_hw, picked=None) -> np.ndarray:
     """Index of the winning kept query per pixel at the original size (0 where none is kept)."""
     h, w = masks.shape[-2:]
-    m_id = _softmax_argmax(masks) if count else np.zeros((h, w), np.int64)
+    m_id = _softmax_argmax(masks, picked) if count else np.zeros((h, w), np.int64)
     for equiv in merge:  # stuff queries of one class all become the first of them
         m_id[np.isin(m_id, equiv)] = equiv[0]
     png = Image.fromarray(panoptic_to_png(m_id)).resize((int(orig_hw[1]), int(orig_hw[0])), Image.NEAREST)
     return png_to_ids(np.asarray(png))
 
 
+_KEPT_MULTIPLE, _OUT_MULTIPLE = 8, 128   # shape buckets of `_resample_and_pick`
+_PAD_LOGIT = -1e30                       # mask logit of the padding queries (never picked)
+
+
+@functools.partial(jax.jit, static_argnames=("out_hw",))
+def _resample_and_pick(masks, src_hw, size_hw, out_hw):
+    """masks [K, H, W] -> (resampled [K, *out_hw], argmax over K, near ties): `resize_bilinear` of
+    each mask's top-left `src_hw` region to `size_hw`, then `_argmax_and_near_ties`."""
+    resized = resize_bilinear(masks[None], src_hw[None], size_hw[None], out_hw)[0]
+    return (resized, *_argmax_and_near_ties(jnp, resized))
+
+
+def _resample_kept(masks: np.ndarray, src_hw, size_hw):
+    """Kept masks [K, H, W] (the whole grid) -> (resampled [K, h, w] numpy, (argmax, near ties)
+    [h, w]), computed on the device in shapes padded to the buckets and cropped back."""
+    k, h, w = len(masks), int(size_hw[0]), int(size_hw[1])
+    padded = np.full((-(-k // _KEPT_MULTIPLE) * _KEPT_MULTIPLE, *masks.shape[1:]), _PAD_LOGIT, np.float32)
+    padded[:k] = masks
+    out_hw = (-(-h // _OUT_MULTIPLE) * _OUT_MULTIPLE, -(-w // _OUT_MULTIPLE) * _OUT_MULTIPLE)
+    resized, best, near = jax.device_get(_resample_and_pick(padded, np.asarray(src_hw, np.int32),
+                                                            np.asarray(size_hw, np.int32), out_hw))
+    return resized[:k, :h, :w], (best[:h, :w], near[:h, :w])
+
+
 def _panoptic_one(logits, masks, src_hw, size_hw, orig_hw, is_thing, threshold) -> Dict[str, Any]:
     scores, labels = (np.asarray(a) for a in class_scores(jnp.asarray(logits), include_no_object=True))
     kept = np.flatnonzero((labels != logits.shape[-1] - 1) & (scores > threshold))
     h, w = int(size_hw[0]), int(size_hw[1])
-    crop = masks[kept][None, :, :int(src_hw[0]), :int(src_hw[1])]
-    masks = resize_bilinear(crop, [src_hw], [size_hw], (h, w))[0] if len(kept) else np.zeros((0, h, w), np.float32)
+    picked = None
+    if len(kept):
+        masks, picked = _resample_kept(np.asarray(masks)[kept], src_hw, (h, w))
+    else:
+        masks = np.zeros((0, h, w), np.float32)
     classes = labels[kept]
     stuff = defaultdict(list)
     for k, label in enumerate(classes):
         if not is_thing(int(label)):
             stuff[int(label)].append(k)
     merge = [equiv for equiv in stuff.values() if len(equiv) > 1]
-    id_map = _segment_map(masks, len(kept), merge, orig_hw)
+    id_map = _segment_map(masks, len(kept), merge, orig_hw, picked)
     area = np.bincount(id_map.ravel(), minlength=len(kept))[:len(kept)]
     while len(kept) and (area <= MIN_SEGMENT_AREA).any():  # drop tiny segments, redo without merging
         big = area > MIN_SEGMENT_AREA

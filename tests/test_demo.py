@@ -45,3 +45,19 @@ def test_short_demo_writes_data_checkpoints_metrics_and_pictures(tmp_path, capsy
     for stage in ("detection", "masks"):
         rows = [json.loads(line) for line in (tmp_path / "train" / stage / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows if "loss" in r] == [3]
+
+
+def test_the_long_schedule_trains_both_stages_longer_and_a_wrong_name_is_refused(tmp_path):
+    from detr_jax.demo import demo_stages, schedules
+
+    assert schedules() == ["default", "long"]
+    default, long = ({name: c.train for name, c in demo_stages(schedule=s)} for s in ("default", "long"))
+    assert (long["detection"].max_steps, long["masks"].max_steps) == (8000, 1200)
+    assert long["detection"].max_steps > default["detection"].max_steps
+    assert long["masks"].max_steps > default["masks"].max_steps
+    for name in ("detection", "masks"):   # only the steps and the lr drop change
+        assert long[name].lr_drop_step < long[name].max_steps and long[name].lr == default[name].lr
+        assert long[name].stage == default[name].stage == name
+    with pytest.raises(ValueError, match="unknown demo schedule 'longer'; known: \\['default', 'long'\\]"):
+        run_demo(tmp_path, schedule="longer")
+    assert not any(tmp_path.iterdir())    # refused before generating anything
