@@ -15,8 +15,9 @@ whose best real-class probability passes a threshold, so the mask head (most of 
 model's FLOPs) can run on the K best queries alone.  `pred_masks` keeps its [B, Q, ...] layout with
 `MASK_FILL` for the others, and `mask_score_cutoff` [B] gives the best score left out: when it
 passes the caller's threshold, run again with all queries (exact either way).  Exact in one go:
-`mask_queries=0` skips the mask head and returns its inputs as `mask_inputs` (a dict of arrays);
-`mask_logits(config, params, mask_inputs, indices)` then runs it on any chosen queries (the
+`mask_queries=0` runs only the per-image part of the mask head and returns what its per-query part
+needs as `mask_inputs` (a dict of arrays); `mask_logits(config, params, mask_inputs, indices)` then
+runs that part on any chosen queries (the
 Predictor picks the queries over its threshold, padded to a multiple of 8; one compile per count).
 
 Padding: with `padding_invariant=True` (the default) every image in a padded batch gives what it
@@ -63,14 +64,14 @@ def mask_modules(cfg: ModelConfig, named: bool = False):
 def mask_logits(config: ModelConfig, params: Dict[str, Any], mask_inputs: Dict[str, Any],
                 query_indices: jnp.ndarray) -> jnp.ndarray:
     """Mask logits float32 [B, K, H/4, W/4] of the queries `query_indices` int [B, K], from the
-    `mask_inputs` of a `mask_queries=0` run and the model's `params` (the same values as the full
-    model gives for those queries)."""
+    `mask_inputs` of a `mask_queries=0` run (which did the per-image part of the mask head) and
+    the model's `params`: the same values as the full model gives for those queries."""
     attention_module, head = mask_modules(config)
     queries = jnp.take_along_axis(mask_inputs["queries"], query_indices[..., None], axis=1)
     attention = attention_module.apply({"params": params["bbox_attention"]}, queries, mask_inputs["memory"],
                                        mask_inputs["valid"])
-    masks = head.apply({"params": params["mask_head"]}, mask_inputs["src"], attention, mask_inputs["fpns"],
-                       mask_inputs["sizes"])
+    masks = head.apply({"params": params["mask_head"]}, mask_inputs["shared"], mask_inputs["adapters"], attention,
+                       mask_inputs["sizes"], method=MaskHeadSmallConv.query_masks)
     return masks.astype(jnp.float32)
 
 
@@ -141,20 +142,22 @@ class DETR(nn.Module):
         if cfg.masks:
             mask_sizes = [feature_sizes[3], feature_sizes[2], feature_sizes[1], feature_sizes[0]] \
                 if padding_invariant else None
-            inputs = dict(queries=hs[-1], memory=memory, valid=valid, src=src,
-                          fpns=[features[2], features[1], features[0]], sizes=mask_sizes)
-            if mask_queries == 0:
-                out["mask_inputs"] = inputs
+            fpns = [features[2], features[1], features[0]]
+            attention_module, head = mask_modules(cfg, named=True)
+            if mask_queries == 0:   # the per-image part of the mask head here, the per-query part in `mask_logits`
+                sizes = list(mask_sizes) if mask_sizes is not None else [None] * 4
+                shared, adapters = head.shared_features(src, fpns, sizes)
+                out["mask_inputs"] = dict(queries=hs[-1], memory=memory, valid=valid, shared=shared,
+                                          adapters=adapters, sizes=sizes)
                 return out
             queries = hs[-1]
             selected = mask_queries is not None and mask_queries < cfg.num_queries
             if selected:
                 indices, out["mask_score_cutoff"] = select_mask_queries(logits[-1], mask_queries)
                 queries = jnp.take_along_axis(queries, indices[..., None], axis=1)
-            attention_module, head = mask_modules(cfg, named=True)
             attention = attention_module(queries, memory, valid)
             self.sow("intermediates", "attention_maps", attention)
-            masks = head(src, attention, inputs["fpns"], mask_sizes).astype(jnp.float32)
+            masks = head(src, attention, fpns, mask_sizes).astype(jnp.float32)
             if selected:
                 full = jnp.full((b, cfg.num_queries, *masks.shape[2:]), MASK_FILL, jnp.float32)
                 masks = full.at[jnp.arange(b)[:, None], indices].set(masks)
