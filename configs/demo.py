@@ -33,8 +33,8 @@ def get_config() -> Config:
 MASK_STAGE = dict(stage="masks", max_steps=600, warmup_steps=0, lr_drop_step=500)
 
 # `detr-jax demo --schedule NAME`: train steps and lr drops of each stage.  "default" is the config
-# above (about 14 minutes on 2 cores); "long" is what the demo's targets (box AP and PQ >= 50) take:
-# the 5000-step detector reached box AP 40.1, and 900 and 1200 mask steps on it PQ 53.0 and 58.8 (README).
+# above (about 14 minutes on 2 cores); "long" trains 4.4x / 2x longer: one run reached box AP 46.8
+# and PQ 58.2 (the targets: box AP and PQ >= 50; README has the figures and times).
 SCHEDULES = {
     "default": {},
     "long": dict(detection=dict(max_steps=8000, lr_drop_step=7000), masks=dict(max_steps=1200, lr_drop_step=1000)),
