@@ -61,12 +61,12 @@ SCORE_MARGIN = 1e-4       # queries this far below the threshold are kept too (f
 
 
 def queries_over_threshold(logits: np.ndarray, threshold: float) -> np.ndarray:
-    """int32 [B, K]: the K best queries by real-class probability (softmax of `logits` [B, Q, C+1]
-    without the last, no-object, logit), K = the most that pass `threshold` in one image rounded up
-    to a multiple of `MASK_QUERY_MULTIPLE` (at most Q)."""
-    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-    probabilities = np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
-    scores = probabilities[..., :-1].max(axis=-1)
+    """int32 [B, K]: the K best queries by the post-processors' score (`postprocess.class_scores`
+    of `logits` [B, Q, C+1]: the best real-class probability), K = the most that pass `threshold`
+    in one image rounded up to a multiple of `MASK_QUERY_MULTIPLE` (at most Q)."""
+    from detr_jax.postprocess import class_scores
+
+    scores = np.asarray(class_scores(jnp.asarray(logits))[0])
     passing = int((scores > threshold - SCORE_MARGIN).sum(axis=-1).max())
     k = min(logits.shape[1], max(1, -(-passing // MASK_QUERY_MULTIPLE)) * MASK_QUERY_MULTIPLE)
     return np.argsort(-scores, axis=-1, kind="stable")[:, :k].astype(np.int32)
@@ -74,12 +74,9 @@ def queries_over_threshold(logits: np.ndarray, threshold: float) -> np.ndarray:
 
 def _masks_of_queries(config: ModelConfig, params, mask_inputs, indices):
     """[B, Q, H/4, W/4] mask logits: those of `indices` [B, K], `MASK_FILL` for the others."""
-    from detr_jax.models.detr import MASK_FILL, mask_logits
+    from detr_jax.models.detr import fill_skipped_masks, mask_logits
 
-    masks = mask_logits(config, params, mask_inputs, indices)
-    b = masks.shape[0]
-    full = jnp.full((b, config.num_queries, *masks.shape[2:]), MASK_FILL, jnp.float32)
-    return full.at[jnp.arange(b)[:, None], indices].set(masks)
+    return fill_skipped_masks(mask_logits(config, params, mask_inputs, indices), indices, config.num_queries)
 
 
 class DETRModel:

@@ -17,8 +17,8 @@ model's FLOPs) can run on the K best queries alone.  `pred_masks` keeps its [B, 
 passes the caller's threshold, run again with all queries (exact either way).  Exact in one go:
 `mask_queries=0` runs only the per-image part of the mask head and returns what its per-query part
 needs as `mask_inputs` (a dict of arrays); `mask_logits(config, params, mask_inputs, indices)` then
-runs that part on any chosen queries (the
-Predictor picks the queries over its threshold, padded to a multiple of 8; one compile per count).
+runs that part on any chosen queries (`DETRModel`'s `mask_threshold`: the queries over a threshold,
+their count rounded up to a multiple of 8; one compile per count).
 
 Padding: with `padding_invariant=True` (the default) every image in a padded batch gives what it
 gives alone, unpadded: activations outside each image's valid region are zeroed after every
@@ -51,6 +51,14 @@ def select_mask_queries(logits: jnp.ndarray, k: int):
     scores = jax.nn.softmax(logits, axis=-1)[..., :-1].max(axis=-1)
     top, indices = jax.lax.top_k(scores, k + 1)
     return indices[:, :k], top[:, k]
+
+
+def fill_skipped_masks(masks: jnp.ndarray, indices: jnp.ndarray, num_queries: int) -> jnp.ndarray:
+    """Masks [B, K, h, w] of the queries `indices` [B, K] -> [B, num_queries, h, w], `MASK_FILL`
+    for the queries not in `indices`."""
+    b = masks.shape[0]
+    full = jnp.full((b, num_queries, *masks.shape[2:]), MASK_FILL, jnp.float32)
+    return full.at[jnp.arange(b)[:, None], indices].set(masks)
 
 
 def mask_modules(cfg: ModelConfig, named: bool = False):
@@ -159,8 +167,7 @@ class DETR(nn.Module):
             self.sow("intermediates", "attention_maps", attention)
             masks = head(src, attention, fpns, mask_sizes).astype(jnp.float32)
             if selected:
-                full = jnp.full((b, cfg.num_queries, *masks.shape[2:]), MASK_FILL, jnp.float32)
-                masks = full.at[jnp.arange(b)[:, None], indices].set(masks)
+                masks = fill_skipped_masks(masks, indices, cfg.num_queries)
                 out["mask_query_indices"] = indices
             out["pred_masks"] = masks
         return out
