@@ -19,13 +19,16 @@ RESNET_DEPTHS: Dict[str, Tuple[int, int, int, int]] = {
     "resnet_tiny": (1, 1, 1, 1),  # for tests and the CPU demo
 }
 RESNET_WIDTHS: Dict[str, int] = {"resnet50": 64, "resnet101": 64, "resnet_tiny": 8}
+# Plain convolutional backbones for training from scratch (`models.backbone.ConvNet`): the
+# channels of their four stride-2 stages.
+CONVNET_WIDTHS: Dict[str, Tuple[int, int, int, int]] = {"convnet_small": (32, 64, 128, 128)}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The DETR architecture.  Defaults are the original DETR R50 (COCO detection)."""
 
-    backbone: str = "resnet50"      # a key of RESNET_DEPTHS
+    backbone: str = "resnet50"      # a key of RESNET_DEPTHS, or of CONVNET_WIDTHS (no dilation)
     dilation: bool = False          # DC5: last stage at stride 16 with dilation 2
     num_classes: int = 91           # logits = num_classes + 1 (the last one is "no object")
     masks: bool = False             # panoptic mask head (DETRsegm)
@@ -49,6 +52,17 @@ class ModelConfig:
         if self.backbone not in RESNET_DEPTHS:
             raise ValueError(f"unknown backbone {self.backbone!r}; known: {sorted(RESNET_DEPTHS)}")
         return RESNET_DEPTHS[self.backbone]
+
+    @property
+    def is_convnet(self) -> bool:
+        """A plain ConvNet backbone (CONVNET_WIDTHS) rather than a ResNet."""
+        if self.backbone in CONVNET_WIDTHS:
+            if self.dilation:
+                raise ValueError(f"backbone {self.backbone!r} has no dilated (DC5) variant: set dilation=False")
+            return True
+        if self.backbone not in RESNET_DEPTHS:
+            raise ValueError(f"unknown backbone {self.backbone!r}; known: {sorted(RESNET_DEPTHS) + sorted(CONVNET_WIDTHS)}")
+        return False
 
     @property
     def resnet_width(self) -> int:
@@ -124,6 +138,8 @@ class TrainConfig:
     lr_drop_step: Optional[int] = None  # ... or from this step, when given
     lr_drop_factor: float = 0.1
     warmup_steps: int = 0           # linear warm-up (the original has none)
+    lr_decay: str = "step"          # "step": the drop above (the original); "cosine": after warm-up,
+                                    # cosine from lr down to 0 at the last step (max_steps or epochs)
     seed: int = 42
     # Frozen: these parameter prefixes never change (the original freezes the stem and layer1; the
     # frozen-BatchNorm `buffers` collection is never trained at all).

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -125,11 +125,13 @@ def _chunk_size(total: int, limit: int) -> int:
     return max(d for d in range(1, max(min(total, limit), 1) + 1) if total % d == 0)
 
 
-def _mask_sums(pred_masks: Array, match: Array, targets: Dict[str, Array],
-               config: LossConfig, chunk: int = MASK_LOSS_CHUNK) -> Dict[str, Array]:
+def _mask_sums(pred_masks: Optional[Array], match: Array, targets: Dict[str, Array],
+               config: LossConfig, chunk: int = MASK_LOSS_CHUNK,
+               mask_fn: Optional[Callable[[Array], Array]] = None) -> Dict[str, Array]:
     """Sums over matched targets of the focal (pixel mean) and dice losses.
 
-    Per target slot: pred_masks `[B, Q, h, w]` of the matched query -> `[B, M, Hm, Wm]`.  The
+    Per target slot: pred_masks `[B, Q, h, w]` of the matched query (or `mask_fn(query)`, the
+    masks of the query matched to each slot, `[B, M]` -> `[B, M, h, w]`) -> `[B, M, Hm, Wm]`.  The
     upsampled masks are never all live: the per-slot losses are computed `chunk` slots at a
     time (`lax.map` over chunks, each under `jax.checkpoint`, so the backward pass recomputes one
     chunk at a time as well); every slot's value is the same as computed all at once.
@@ -138,7 +140,10 @@ def _mask_sums(pred_masks: Array, match: Array, targets: Dict[str, Array],
     hit = match[:, :, None] == jnp.arange(num_slots)                     # [B, Q, M]
     used = jnp.any(hit, axis=1) & targets["valid"]                       # [B, M]
     query = jnp.argmax(hit, axis=1)                                      # [B, M]
-    src = jnp.take_along_axis(pred_masks.astype(jnp.float32), query[:, :, None, None], axis=1)
+    if mask_fn is not None:
+        src = mask_fn(query).astype(jnp.float32)
+    else:
+        src = jnp.take_along_axis(pred_masks.astype(jnp.float32), query[:, :, None, None], axis=1)
     tgt = targets["masks"]
     size = _chunk_size(num_slots, chunk)
     n = num_slots // size
@@ -162,10 +167,14 @@ def _mask_sums(pred_masks: Array, match: Array, targets: Dict[str, Array],
 
 
 def set_criterion(outputs: Dict, targets: Dict[str, Array], config: LossConfig = LossConfig(),
-                  axis_name: Optional[str] = None) -> Dict[str, Array]:
+                  axis_name: Optional[str] = None,
+                  mask_fn: Optional[Callable[[Array], Array]] = None) -> Dict[str, Array]:
     """DETR's losses for model `outputs` and padded `targets` (see the module docstring).
 
     Jittable and differentiable w.r.t. the outputs; the matching is constant (no gradient).
+    With the mask losses, `mask_fn` (optional) computes the mask logits `[B, M, h, w]` of given
+    queries `[B, M]` (the query matched to each target slot; any query for an unused slot), in
+    place of `outputs["pred_masks"]`: the same losses from masks of the matched queries only.
     """
     targets = ensure_target_slot(targets)
     layers = [outputs]
@@ -198,7 +207,7 @@ def set_criterion(outputs: Dict, targets: Dict[str, Array], config: LossConfig =
     losses = {name: value[final] for name, value in terms.items()}
     losses["class_error"] = class_error[final]
     if config.masks:
-        mask = _mask_sums(outputs["pred_masks"], match[final], targets, config)
+        mask = _mask_sums(outputs.get("pred_masks"), match[final], targets, config, mask_fn=mask_fn)
         losses["loss_mask"] = mask["mask"] / num_boxes
         losses["loss_dice"] = mask["dice"] / num_boxes
     for i in range(final):

@@ -56,8 +56,19 @@ def lr_drop_step(config: TrainConfig, steps_per_epoch: int) -> int:
     return config.lr_drop_step if config.lr_drop_step is not None else config.lr_drop_epochs * steps_per_epoch
 
 
+def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    """Steps of the whole run: `max_steps`, else `epochs` epochs."""
+    return config.max_steps if config.max_steps is not None else config.epochs * steps_per_epoch
+
+
 def lr_schedule(base_lr: float, config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
-    """`base_lr` until the drop step, times `lr_drop_factor` after; optional linear warm-up."""
+    """`lr_decay="step"`: `base_lr` until the drop step, times `lr_drop_factor` after; optional
+    linear warm-up.  `"cosine"`: linear warm-up from 0, then cosine down to 0 at the last step."""
+    if config.lr_decay == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, base_lr, config.warmup_steps,
+                                                  max(total_steps(config, steps_per_epoch), config.warmup_steps + 1))
+    if config.lr_decay != "step":
+        raise ValueError(f"unknown lr_decay {config.lr_decay!r}: 'step' or 'cosine'")
     drop = lr_drop_step(config, steps_per_epoch)
     warmup = config.warmup_steps
 

@@ -40,7 +40,7 @@ from detr_jax.config import Config, LossConfig, ModelConfig, to_json
 from detr_jax.data.loader import Loader
 from detr_jax.data.transforms import TrainTransform
 from detr_jax.losses import set_criterion
-from detr_jax.models.detr import DETR, init_variables
+from detr_jax.models.detr import DETR, init_variables, mask_logits
 from detr_jax.train_state import Checkpoints, TrainState, create_train_state, load_pretrained
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,10 @@ def make_train_step(model: DETR, loss_config: LossConfig, optimizer: optax.Gradi
     dropout draws from `fold_in(fold_in(rng, step), device index)`.  metrics: every term of
     `set_criterion`, `grad_norm` (trainable gradients, before clipping) and `lr`, averaged over
     the devices.
+
+    With the mask losses and fewer target slots M than queries, the mask head's per-query part
+    runs on the matched queries only (one per slot; `matched_masks_only`): the losses and their
+    gradients are those of masks for every query, since unmatched masks get no loss.
     """
 
     def train_step(state: TrainState, batch: Dict[str, jnp.ndarray], rng: jnp.ndarray):
@@ -83,11 +87,17 @@ def make_train_step(model: DETR, loss_config: LossConfig, optimizer: optax.Gradi
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
         targets = {k: batch[k] for k in TARGETS + (("masks",) if loss_config.masks else ())}
 
+        matched_only = matched_masks_only(model.config, loss_config, targets["labels"].shape[-1])
+
         def loss_fn(params):
             outputs = model.apply({"params": params, "buffers": state.buffers}, batch["pixel_values"],
                                   batch["pixel_mask"], train=True, padding_invariant=padding_invariant,
-                                  rngs={"dropout": rng})
-            terms = set_criterion(outputs, targets, loss_config, axis_name=axis_name)
+                                  mask_queries=0 if matched_only else None, rngs={"dropout": rng})
+            mask_fn = None
+            if matched_only:
+                inputs = outputs.pop("mask_inputs")
+                mask_fn = lambda queries: mask_logits(model.config, params, inputs, queries)  # noqa: E731
+            terms = set_criterion(outputs, targets, loss_config, axis_name=axis_name, mask_fn=mask_fn)
             return terms["loss"], terms
 
         grads, terms = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -101,6 +111,12 @@ def make_train_step(model: DETR, loss_config: LossConfig, optimizer: optax.Gradi
         return new_state, metrics
 
     return train_step
+
+
+def matched_masks_only(model_config: ModelConfig, loss_config: LossConfig, num_slots: int) -> bool:
+    """Whether the train step computes masks for the matched queries only: with the mask losses,
+    when there are fewer target slots than queries (each slot has at most one matched query)."""
+    return bool(loss_config.masks and model_config.masks and num_slots < model_config.num_queries)
 
 
 def make_parallel_train_step(train_step: Callable) -> Callable:

@@ -27,6 +27,12 @@ def tiny_dc5_model():
     return DETRModel(config, init_variables(config, jax.random.PRNGKey(1)))
 
 
+@pytest.fixture(scope="module")
+def tiny_convnet_model():
+    config = dataclasses.replace(TINY, backbone="convnet_small")
+    return DETRModel(config, init_variables(config, jax.random.PRNGKey(2)))
+
+
 def random_images(sizes, padded_hw, seed=0):
     rng = np.random.default_rng(seed)
     x = np.zeros((len(sizes), *padded_hw, 3), np.float32)
@@ -126,7 +132,7 @@ def test_masked_group_norm_on_padded_input_equals_unpadded():
     np.testing.assert_allclose(a, b, atol=2e-6)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_model", "tiny_dc5_model"])
+@pytest.mark.parametrize("fixture", ["tiny_model", "tiny_dc5_model", "tiny_convnet_model"])
 def test_padding_invariant_mode_equals_each_image_alone(fixture, request):
     """Odd sizes on purpose: the stride arithmetic (ceil halving) and nearest upsampling must agree."""
     model = request.getfixturevalue(fixture)
@@ -171,6 +177,22 @@ def test_compiles_once_per_shape(tiny_model):
     x2, mask2 = random_images([(32, 64)], (32, 64))
     tiny_model(x2, mask2)
     assert tiny_model._apply._cache_size() == before + 2
+
+
+def test_convnet_backbone_gives_stride_16_tokens_and_a_stride_4_mask_grid(tiny_convnet_model):
+    x, mask = random_images([(64, 96)], (64, 96))
+    out, state = tiny_convnet_model.module.apply(tiny_convnet_model.variables, x, mask, mutable=["intermediates"])
+    layers = [state["intermediates"][f"backbone_layer{i}"][0] for i in range(1, 5)]
+    assert [f.shape[1:] for f in layers] == [(16, 24, 64), (8, 12, 128), (4, 6, 128), (4, 6, 128)]
+    assert out["pred_masks"].shape[2:] == (16, 24)
+    params = tiny_convnet_model.variables["params"]["backbone"]
+    assert sorted(params) == [f"stage{s}_conv{k}" for s in range(1, 5) for k in (1, 2)]
+    std = np.std(np.asarray(params["stage3_conv2"]["kernel"]))
+    assert abs(std - np.sqrt(2 / (9 * 128))) < 0.1 * np.sqrt(2 / (9 * 128))    # He init for ReLU
+    with pytest.raises(ValueError, match="dilated"):
+        dataclasses.replace(TINY, backbone="convnet_small", dilation=True).is_convnet
+    with pytest.raises(ValueError, match="convnet_small"):
+        dataclasses.replace(TINY, backbone="vgg").is_convnet
 
 
 def test_pre_norm_and_detection_variants_build_and_run():

@@ -17,7 +17,7 @@ from detr_jax import checkpoint, optim
 from detr_jax.config import TrainConfig, load_config
 from detr_jax.data.coco import CocoPanoptic
 from detr_jax.data.synthetic import ensure_synthetic
-from detr_jax.models.detr import init_variables
+from detr_jax.models.detr import DETR, init_variables
 from detr_jax import train as train_module
 from detr_jax.train import nonfinite_error, run_keys, stage_configs, train
 from detr_jax.train_state import IncompatibleCheckpointError, merge_pretrained
@@ -92,6 +92,17 @@ def test_lr_schedule_drops_tenfold_at_the_drop_epoch_and_warms_up():
     assert np.isclose(by_step(6), 1e-4) and np.isclose(by_step(7), 1e-5)
     warm = optim.lr_schedule(1e-4, TrainConfig(warmup_steps=4), steps_per_epoch=5)
     assert np.allclose([warm(s) for s in range(5)], [2.5e-5, 5e-5, 7.5e-5, 1e-4, 1e-4])
+
+
+def test_cosine_lr_warms_up_then_falls_to_zero_at_the_last_step():
+    cosine = optim.lr_schedule(1e-3, TrainConfig(lr_decay="cosine", warmup_steps=10, max_steps=110), 5)
+    assert np.isclose(cosine(0), 0.0) and np.isclose(cosine(5), 5e-4) and np.isclose(cosine(10), 1e-3)
+    assert np.isclose(cosine(60), 5e-4)                      # halfway through the decay
+    assert np.isclose(cosine(110), 0.0, atol=1e-12) and cosine(59) > cosine(61)
+    by_epochs = optim.lr_schedule(1e-3, TrainConfig(lr_decay="cosine", epochs=4), steps_per_epoch=5)
+    assert np.isclose(by_epochs(10), 5e-4)                   # 20 steps in all
+    with pytest.raises(ValueError, match="lr_decay"):
+        optim.lr_schedule(1e-3, TrainConfig(lr_decay="linear"), 5)
 
 
 def test_optimizer_is_adamw_with_clipping_and_no_update_for_frozen_parameters():
@@ -181,6 +192,45 @@ def test_the_train_step_compiles_once(dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "make_parallel_train_step", counting)
     train(fixed_size_config(max_steps=3, log_every=1), tmp_path, dataset, progress=False)
     assert compiles_per_call == [1, 0, 0]
+
+
+def test_masks_of_the_matched_queries_only_give_the_same_step(monkeypatch):
+    """With fewer target slots (8) than queries (12), the step runs the mask head's per-query part
+    on the matched queries only; losses, gradients and the update equal those of every query's mask."""
+    config = fixed_size_config()
+    model_config, loss_config = stage_configs(config)
+    assert train_module.matched_masks_only(model_config, loss_config, config.data.max_boxes)
+    assert not train_module.matched_masks_only(model_config, loss_config, model_config.num_queries)
+    rng = np.random.default_rng(0)
+    count = np.array([3, 5])
+    valid = np.arange(8)[None] < count[:, None]
+    centers, sizes = rng.uniform(0.3, 0.7, (2, 8, 2)), rng.uniform(0.1, 0.4, (2, 8, 2))
+    yy, xx = np.mgrid[:64, :64] / 64.0
+    masks = (np.abs(yy - centers[..., 1, None, None]) < sizes[..., 1, None, None] / 2) & \
+            (np.abs(xx - centers[..., 0, None, None]) < sizes[..., 0, None, None] / 2)
+    batch = dict(pixel_values=rng.normal(size=(2, 64, 64, 3)).astype(np.float32), pixel_mask=np.ones((2, 64, 64), bool),
+                 labels=np.where(valid, rng.integers(1, 10, (2, 8)), 0).astype(np.int32),
+                 boxes=np.concatenate([centers, sizes], -1).astype(np.float32), valid=valid, masks=masks & valid[..., None, None])
+    init_rng, step_rng = run_keys(0)
+    optimizer = optim.make_optimizer(init_variables(model_config, init_rng)["params"], config.train, 1)
+    state = train_module.initial_state(config, model_config, optimizer, None, init_rng)
+
+    def one_step():
+        step = train_module.make_train_step(
+            DETR(model_config), loss_config, optimizer, optim.lr_schedule(config.train.lr, config.train, 1),
+            optim.trainable_mask(state.params, config.train), axis_name=None)
+        return jax.device_get(jax.jit(step)(state, batch, step_rng))
+
+    matched_state, matched_metrics = one_step()
+    monkeypatch.setattr(train_module, "matched_masks_only", lambda *args: False)
+    full_state, full_metrics = one_step()
+    assert matched_metrics["loss_mask"] > 0 and matched_metrics["loss_dice"] > 0
+    for name in full_metrics:
+        np.testing.assert_allclose(matched_metrics[name], full_metrics[name], rtol=2e-5, atol=1e-6, err_msg=name)
+    mask_head = {k: v for k, v in flat(full_state.params).items() if k.startswith(("mask_head/", "bbox_attention/"))}
+    for path, value in flat(matched_state.params).items():
+        np.testing.assert_allclose(value, flat(full_state.params)[path], rtol=1e-4, atol=1e-6, err_msg=path)
+    assert any(not np.allclose(v, flat(state.params)[k]) for k, v in mask_head.items())   # the step did train them
 
 
 @pytest.mark.slow  # shares one 400-step run; compiling the step takes 1-6 min on a busy CPU

@@ -7,6 +7,9 @@ symmetric padding on every layer, so stride-2 layers line up with the original.
 
 Submodule names mirror the PyTorch keys (`conv1`, `bn1`, `layer1_0/conv2`, `layer2_0/downsample_0`)
 so that converting a checkpoint is a rename table.
+
+`ConvNet` is a plain alternative for training from scratch on small images (the CPU demo): no
+pretrained weights exist for it, and no normalization to freeze.
 """
 from __future__ import annotations
 
@@ -128,3 +131,33 @@ class ResNet(nn.Module):
             features.append(x)
             feature_sizes.append(sizes)
         return features, feature_sizes
+
+
+class ConvNet(nn.Module):
+    """Four stages of two 3x3 convolutions + ReLU (the first of each at stride 2), He-initialized.
+
+    Returns the ResNet-DC5 interface: `[stage 2, stage 3, stage 4, stage 4]` (strides 4, 8, 16,
+    16; NHWC, channels `widths[1:] + widths[-1:]`) and their valid sizes, so that the transformer
+    reads stride 16 and the mask head's FPN strides 16, 8, 4.  Stage 1 (stride 2) only feeds stage 2.
+    """
+
+    widths: Tuple[int, int, int, int] = (32, 64, 128, 128)
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, sizes: Optional[jnp.ndarray] = None
+                 ) -> Tuple[List[jnp.ndarray], List[Optional[jnp.ndarray]]]:
+        """x: [B, H, W, 3]; sizes: int32 [B, 2] valid image sizes or None (see `ResNet`)."""
+        init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+        x = x.astype(self.dtype)
+        outputs, output_sizes = [], []
+        for stage, width in enumerate(self.widths):
+            sizes = downsample_sizes(sizes) if sizes is not None else None
+            for k in range(2):
+                x = nn.Conv(width, (3, 3), strides=(2, 2) if k == 0 else (1, 1), padding=((1, 1), (1, 1)),
+                            kernel_init=init, dtype=self.dtype, name=f"stage{stage + 1}_conv{k + 1}")(x)
+                x = nn.relu(x)
+                x = zero_outside(x, sizes) if sizes is not None else x
+            outputs.append(x)
+            output_sizes.append(sizes)
+        return outputs[1:] + outputs[-1:], output_sizes[1:] + output_sizes[-1:]

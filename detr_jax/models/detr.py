@@ -34,8 +34,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from detr_jax.config import ModelConfig
-from detr_jax.models.backbone import ResNet
+from detr_jax.config import CONVNET_WIDTHS, ModelConfig
+from detr_jax.models.backbone import ConvNet, ResNet
 from detr_jax.models.layers import Conv1x1, image_sizes_from_mask, nearest_resize, valid_mask
 from detr_jax.models.position import sine_position_embedding
 from detr_jax.models.segmentation import MaskHeadSmallConv, MHAttentionMap
@@ -116,8 +116,9 @@ class DETR(nn.Module):
         cfg = self.config
         dt = jnp.dtype(cfg.dtype)
         sizes = image_sizes_from_mask(pixel_mask) if padding_invariant else None
-        features, feature_sizes = ResNet(cfg.resnet_depths, cfg.resnet_width, cfg.dilation, dt,
-                                         name="backbone")(pixel_values, sizes)
+        backbone = ConvNet(CONVNET_WIDTHS[cfg.backbone], dt, name="backbone") if cfg.is_convnet else \
+            ResNet(cfg.resnet_depths, cfg.resnet_width, cfg.dilation, dt, name="backbone")
+        features, feature_sizes = backbone(pixel_values, sizes)
         layer4 = features[-1]
         hw = layer4.shape[1:3]
         valid = valid_mask(feature_sizes[-1], hw) if padding_invariant else feature_masks(pixel_mask, hw)
