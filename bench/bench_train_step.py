@@ -18,6 +18,12 @@ target size), backward, gradient clipping at 0.1 and AdamW (backbone lr 1e-5, st
 frozen), as the original's train loop.  `--no-torch` leaves it out.
 
     python bench/bench_train_step.py [--repeats 3] [--cases b1_800x1066,b2_512x683] [--config NAME] [--no-torch]
+        [--box-bucket 16]
+
+`--box-bucket N`: the JAX batch has the target slots that `DataConfig.box_bucket=N` gives a batch
+of 20 objects per image (32 for N=16) instead of max_boxes (100): fewer slots than queries, so the
+step runs the mask head on the matched queries only.  The PyTorch side takes the same targets
+(unpadded lists) either way.
 """
 from __future__ import annotations
 
@@ -49,6 +55,12 @@ def make_batch(batch: int, h: int, w: int, slots: int, seed: int = 0) -> Dict[st
             "labels": rng.integers(0, 250, (batch, slots)).astype(np.int32),
             "boxes": np.where(valid[..., None], boxes, 0).astype(np.float32), "valid": valid,
             "masks": (rng.uniform(size=(batch, slots, h, w)) < 0.1) & valid[..., None, None]}
+
+
+def target_slots(data_config) -> int:
+    """Slots of the bench batch: max_boxes, or what `box_bucket` makes of OBJECTS targets."""
+    bucket = data_config.box_bucket
+    return data_config.max_boxes if bucket is None else min(data_config.max_boxes, -(-OBJECTS // bucket) * bucket)
 
 
 def fixed_match(outputs, targets, **unused):
@@ -116,7 +128,7 @@ def run_case(config, name: str, repeats: int) -> Dict[str, float]:
     make = lambda: make_train_step(DETR(model_config), loss_config, optimizer,  # noqa: E731
                                    optim.lr_schedule(config.train.lr, config.train, 1000),
                                    optim.trainable_mask(variables["params"], config.train), axis_name=None)
-    batch = make_batch(batch_size, h, w, config.data.max_boxes)
+    batch = make_batch(batch_size, h, w, target_slots(config.data))
     rng = np.asarray(jax.random.PRNGKey(1))
     result = time_step(make(), create_train_state(variables, optimizer), batch, rng, repeats)
     original = losses.hungarian_match
@@ -319,6 +331,8 @@ def main(argv=None) -> None:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-torch", action="store_true", help="leave out the PyTorch step")
+    parser.add_argument("--box-bucket", type=int, default=None,
+                        help="JAX targets padded as DataConfig.box_bucket=N pads them (default: to max_boxes)")
     parser.add_argument("--torch-worker", metavar="CASE", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.torch_worker:
@@ -330,12 +344,14 @@ def main(argv=None) -> None:
     from detr_jax.config import load_config
 
     config = load_config(args.config)
-    config = dataclasses.replace(config, train=dataclasses.replace(config.train, stage="all"))
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, stage="all"),
+                                 data=dataclasses.replace(config.data, box_bucket=args.box_bucket))
     torch_results = {} if args.no_torch else {name: run_torch(args.config, name, args.repeats)
                                               for name in args.cases.split(",")}
     print(f"`python bench/bench_train_step.py {' '.join(sys.argv[1:] if argv is None else argv)}` "
           f"on {jax.devices()[0].device_kind} ({jax.default_backend()}, {os.cpu_count()} CPUs), "
-          f"jax {jax.__version__}, {args.config}, random init, {OBJECTS} objects / image")
+          f"jax {jax.__version__}, {args.config}, random init, {OBJECTS} objects / image in "
+          f"{target_slots(config.data)} target slots (JAX)")
     torch_info = [r for r in torch_results.values() if r]
     if torch_info:
         print(f"PyTorch {torch_info[0]['torch']} ({torch_info[0]['threads']} threads): the original's step "

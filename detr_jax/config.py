@@ -113,7 +113,11 @@ class DataConfig:
     crop_resize_scales: Tuple[int, ...] = (400, 500, 600)
     crop_min_size: int = 384
     crop_max_size: int = 600
-    max_boxes: int = 100            # targets are padded (or truncated) to this many boxes
+    max_boxes: int = 100            # targets are padded (or truncated) to this many boxes ...
+    box_bucket: Optional[int] = None  # ... or, one host only, to the batch's largest count rounded up to
+                                    # a multiple of this (at most max_boxes): with fewer slots than
+                                    # queries the train step runs the mask head on the matched queries
+                                    # only; each slot count compiles the step once
     bucket_multiple: int = 128      # padded image sides are rounded up to a multiple of this
     max_image_pixels: int = 150_000_000  # refuse larger images (decompression bombs); PIL's own hard limit is ~179M
     hflip_prob: float = 0.5         # train: probability of the random horizontal flip

@@ -90,6 +90,22 @@ def test_more_than_max_boxes_keeps_the_largest_by_area_and_warns_once(caplog):
     assert caplog.text.count("more than max_boxes") == 1
 
 
+def test_box_bucket_pads_targets_to_the_batch_count_rounded_up():
+    """Counts are i % 7 (0..6); max_boxes 6: M is the batch's largest count rounded up to 2, capped."""
+    config = DataConfig(**{**CFG.__dict__, "max_boxes": 6, "box_bucket": 2})
+    loader = make(config=config, shuffle=False, transform=None, batch_size=2)
+    seen = set()
+    for step, batch in enumerate(loader.iterate(0, 11)):
+        counts = [i % 7 for i in loader.batch_indices(step)]
+        expected = min(6, max(1, -(-max(counts) // 2)) * 2)
+        assert batch["labels"].shape == (2, expected) and batch["masks"].shape[1] == expected
+        assert list(batch["valid"].sum(1)) == counts
+        seen.add(expected)
+    assert seen == {2, 4, 6}
+    with pytest.raises(ValueError, match="one host"):
+        make(config=config, shard_index=0, num_shards=2)
+
+
 def test_same_seed_same_batches_whatever_the_worker_count():
     serial = list(make(num_workers=0).iterate(0, 8))       # crosses an epoch boundary (5 steps)
     assert_same_batches(serial, list(make(num_workers=3).iterate(0, 8)))

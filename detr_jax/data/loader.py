@@ -17,6 +17,8 @@ Buckets: each image's sides are rounded up to a multiple of `bucket_multiple`, c
 largest size a transform can produce (max(max_size, train_max_size)), never below the image;
 the batch takes the largest bucket of its images, so a run compiles for a handful of shapes.
 More than M targets: the M largest by `area` are kept (in their original order), warned once.
+With `DataConfig.box_bucket` (one host only: every host's batch must have the same shapes), M is
+the batch's largest target count rounded up to a multiple of it, capped at max_boxes.
 
 Order and randomness: epoch e visits `permutation(seed, e)` of the dataset; shard s of S takes
 every S-th item of it.  Item i's augmentation draws from `default_rng([seed, 1, e, i])`, so
@@ -108,7 +110,10 @@ class Loader:
         self.transform = transform or (lambda record, rng: finalize(record))
         self.num_workers, self.prefetch, self.drop_remainder = num_workers, prefetch, drop_remainder
         self.shard_index, self.num_shards = shard_index, num_shards
-        self.max_boxes, self.bucket_multiple = config.max_boxes, config.bucket_multiple
+        self.max_boxes, self.bucket_multiple, self.box_bucket = config.max_boxes, config.bucket_multiple, config.box_bucket
+        if self.box_bucket is not None and (num_shards > 1 or self.box_bucket < 1):
+            raise ValueError(f"box_bucket={self.box_bucket}: needs a positive multiple and one host "
+                             f"(this loader is shard {shard_index} of {num_shards}; hosts must agree on shapes)")
         self.max_side = max(config.max_size, config.train_max_size)
         n = len(dataset)
         per_shard = n // num_shards if drop_remainder else -(-n // num_shards)
@@ -176,7 +181,15 @@ class Loader:
             log.warning("an image has more than max_boxes=%d targets: keeping the largest by area "
                         "(warned once)", self.max_boxes)
             self._warned_max_boxes = True
-        return collate(filled, self.max_boxes, self.bucket_multiple, self.max_side, valid)
+        return collate(filled, self.slots(filled), self.bucket_multiple, self.max_side, valid)
+
+    def slots(self, samples: List[Sample]) -> int:
+        """Target slots M of a batch of `samples`: max_boxes, or with `box_bucket` the largest
+        target count rounded up to a multiple of it (at least one bucket, at most max_boxes)."""
+        if self.box_bucket is None:
+            return self.max_boxes
+        most = max(len(s["labels"]) for s in samples)
+        return min(self.max_boxes, max(1, -(-most // self.box_bucket)) * self.box_bucket)
 
     def iterate(self, start_step: int = 0,
                 num_steps: Optional[int] = None) -> Iterator[Dict[str, np.ndarray]]:
