@@ -52,8 +52,14 @@ def load_variables(path, config: ModelConfig) -> Dict[str, Any]:
     from flax.traverse_util import unflatten_dict
 
     abstract = unflatten_dict({k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in expected_shapes(config).items()})
+    directory = pathlib.Path(path).absolute() / "variables"
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(pathlib.Path(path).absolute() / "variables", abstract)
+        # a model without frozen BatchNorm (the ConvNet backbone) saves an empty `buffers` collection
+        on_disk = getattr(getattr(checkpointer.metadata(directory), "item_metadata", None), "tree", None) or {}
+        for collection, tree in on_disk.items():
+            if collection not in abstract and not jax.tree_util.tree_leaves(tree):
+                abstract[collection] = {}
+        return checkpointer.restore(directory, abstract)
 
 
 MASK_QUERY_MULTIPLE = 8   # `mask_threshold`: the mask head runs on a multiple of this many queries

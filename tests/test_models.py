@@ -195,6 +195,22 @@ def test_convnet_backbone_gives_stride_16_tokens_and_a_stride_4_mask_grid(tiny_c
         dataclasses.replace(TINY, backbone="vgg").is_convnet
 
 
+@pytest.mark.parametrize("buffers", [{}, None])
+def test_a_convnet_checkpoint_without_batchnorm_buffers_loads_back(tiny_convnet_model, tmp_path, buffers):
+    """Training exports {'params', 'buffers': {}} for a model without frozen BatchNorm; a plain
+    save of init_variables has no 'buffers' at all: both load."""
+    from detr_jax.checkpoint import load_variables, save
+
+    variables = dict(tiny_convnet_model.variables)
+    assert "buffers" not in variables
+    if buffers is not None:
+        variables["buffers"] = buffers
+    save(tmp_path / "model", tiny_convnet_model.config, variables)
+    loaded = load_variables(tmp_path / "model", tiny_convnet_model.config)
+    for a, b in zip(jax.tree.leaves(loaded["params"]), jax.tree.leaves(variables["params"])):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_pre_norm_and_detection_variants_build_and_run():
     for config in (dataclasses.replace(TINY, pre_norm=True), dataclasses.replace(TINY, masks=False, aux_loss=False)):
         variables = init_variables(config, jax.random.PRNGKey(0), (32, 32))
