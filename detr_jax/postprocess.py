@@ -253,43 +253,37 @@ _EXP_POLY = (0.000198527617612853646278381, 0.00139304355252534151077271, 0.0083
              0.0416664853692054748535156, 0.166666671633720397949219, 0.5)
 
 
-def _sleef_expf(xp, d):
+def _sleef_expf(d: np.ndarray) -> np.ndarray:
     """float32 exp(d) bit-exactly as SLEEF's `expf_u10` (PyTorch's vectorised exp on CPU)."""
-    q = xp.rint(d * np.float32(1.4426950408889634)).astype(np.int32)
-    s = _fma(xp, q.astype(np.float32), -_LN2_HI, d)
-    s = _fma(xp, q.astype(np.float32), -_LN2_LO, s)
-    u = xp.full_like(s, _EXP_POLY[0])
+    q = np.rint(d * np.float32(1.4426950408889634)).astype(np.int32)
+    s = _fma(np, q.astype(np.float32), -_LN2_HI, d)
+    s = _fma(np, q.astype(np.float32), -_LN2_LO, s)
+    u = np.full_like(s, _EXP_POLY[0])
     for c in _EXP_POLY[1:]:
-        u = _fma(xp, u, s, np.float32(c))
-    u = np.float32(1) + _fma(xp, s * s, u, s)
-    u = xp.ldexp(u, q).astype(np.float32)
-    return xp.where(d < -104, np.float32(0), u)
+        u = _fma(np, u, s, np.float32(c))
+    u = np.float32(1) + _fma(np, s * s, u, s)
+    u = np.ldexp(u, q).astype(np.float32)
+    return np.where(d < -104, np.float32(0), u)
 
 
-def _lane_sum(xp, e, count=None):
-    """Sum over axis 0 of e [K, N] in the order of PyTorch's `vec::reduce_all` (float32):
-    sequential below 16 rows, else 16 lanes folded by halving.  `count` (jnp): only the first
-    `count` rows are real, the others zeros, and K is a multiple of 16."""
-    if count is None:
-        k = len(e)
-        if k < _SUM_LANES:
-            return _sequential_sum(e)
-        e = np.concatenate([e, np.zeros((-k % _SUM_LANES,) + e.shape[1:], np.float32)])
-    acc = e[:_SUM_LANES]
-    for start in range(_SUM_LANES, len(e), _SUM_LANES):
-        acc = acc + e[start:start + _SUM_LANES]
+def _lane_sum(e: np.ndarray) -> np.ndarray:
+    """Sum over axis 0 of e [K, N] in the order of PyTorch's `vec::reduce_all` (float32)."""
+    k = len(e)
+    if k < _SUM_LANES:
+        total = e[0]
+        for row in e[1:]:
+            total = total + row
+        return total
+    padded = np.zeros((-(-k // _SUM_LANES) * _SUM_LANES,) + e.shape[1:], np.float32)
+    padded[:k] = e
+    acc = padded[:_SUM_LANES]
+    for start in range(_SUM_LANES, len(padded), _SUM_LANES):
+        acc = acc + padded[start:start + _SUM_LANES]
     step = _SUM_LANES // 2
     while step:
         acc = acc + acc[np.arange(_SUM_LANES) ^ step]
         step //= 2
-    return acc[0] if count is None else xp.where(count < _SUM_LANES, _sequential_sum(e), acc[0])
-
-
-def _sequential_sum(e):
-    total = e[0]
-    for row in e[1:]:   # zero rows after the real ones leave the sum unchanged
-        total = total + row
-    return total
+    return acc[0]
 
 
 def _argmax_and_near_ties(xp, x):
@@ -300,30 +294,26 @@ def _argmax_and_near_ties(xp, x):
     return best, top - rest <= _NEAR_TIE * xp.maximum(1, xp.abs(top))
 
 
-def _softmax_argmax(masks: np.ndarray) -> np.ndarray:
-    """argmax over K of torch.softmax(masks [K, h, w]) per pixel -> int64 [h, w] (numpy; the
-    panoptic post-processor does the same on the device: `_KeptMasks.softmax_argmax`)."""
+def _softmax_argmax(masks: np.ndarray, picked=None) -> np.ndarray:
+    """argmax over K of torch.softmax(masks [K, h, w]) per pixel -> int64 [h, w].  `picked`:
+    `_argmax_and_near_ties(masks)` when already computed (on the device)."""
     k, h, w = masks.shape
     x = masks.reshape(k, -1)
     if k == 1:
         return np.zeros((h, w), np.int64)
-    best, near = _argmax_and_near_ties(np, masks)
+    best, near = picked if picked is not None else _argmax_and_near_ties(np, masks)
     best, near = np.asarray(best, np.int64).reshape(-1), np.flatnonzero(np.asarray(near).reshape(-1))
     if len(near):
         sub = x[:, near]
-        e = _sleef_expf(np, sub - sub.max(0))
-        best[near] = np.argmax(e * (np.float32(1) / _lane_sum(np, e)), axis=0)
+        e = _sleef_expf(sub - sub.max(0))
+        best[near] = np.argmax(e * (np.float32(1) / _lane_sum(e)), axis=0)
     return best.reshape(h, w)
 
 
-def _segment_map(masks: np.ndarray, count: int, merge: Sequence[Sequence[int]], orig_hw, best=None) -> np.ndarray:
-    """Index of the winning kept query per pixel at the original size (0 where none is kept);
-    `best`: `_softmax_argmax(masks)` when already computed (on the device)."""
+def _segment_map(masks: np.ndarray, count: int, merge: Sequence[Sequence[int]], orig_hw, picked=None) -> np.ndarray:
+    """Index of the winning kept query per pixel at the original size (0 where none is kept)."""
     h, w = masks.shape[-2:]
-    if best is not None:
-        m_id = best
-    else:
-        m_id = _softmax_argmax(masks) if count else np.zeros((h, w), np.int64)
+    m_id = _softmax_argmax(masks, picked) if count else np.zeros((h, w), np.int64)
     for equiv in merge:  # stuff queries of one class all become the first of them
         m_id[np.isin(m_id, equiv)] = equiv[0]
     png = Image.fromarray(panoptic_to_png(m_id)).resize((int(orig_hw[1]), int(orig_hw[0])), Image.NEAREST)
@@ -350,22 +340,6 @@ def _pick(resized, rows):
     return rows[best], near
 
 
-@jax.jit
-def _replay_near_ties(resized, order, count, pixels):
-    """`_softmax_argmax`'s exact replay on the device: at the flat pixel indices `pixels` [N] of
-    `resized` [K', H, W], the argmax of PyTorch's softmax over the rows `order` [K] (a multiple
-    of 16; the first `count` are row indices, the rest -1) -> position in `order` [N]."""
-    x = resized.reshape(resized.shape[0], -1)[:, pixels]
-    sub = x[jnp.maximum(order, 0)]
-    real = (order >= 0)[:, None]
-    top = jnp.where(real, sub, -jnp.inf).max(axis=0)
-    e = _sleef_expf(jnp, jnp.where(real, sub - top, np.float32(-200)))     # padding rows: exp = 0
-    return jnp.argmax(e * (np.float32(1) / _lane_sum(jnp, e, count)), axis=0)
-
-
-_NEAR_MULTIPLE = 1024   # the replayed pixels are padded to a power of two times this
-
-
 class _KeptMasks:
     """The kept masks resampled on the device, in shapes padded to the buckets, with the per-pixel
     argmax over any subset of them (`pick`); `.resized` is the numpy [K, h, w] crop."""
@@ -378,23 +352,12 @@ class _KeptMasks:
         self.device = _resample(padded, np.asarray(src_hw, np.int32), np.asarray(size_hw, np.int32), out_hw)
         self.resized = np.asarray(self.device)[:k, :self.h, :self.w]
 
-    def softmax_argmax(self, subset: np.ndarray) -> np.ndarray:
-        """`_softmax_argmax` of the masks `subset` (sorted indices) -> int64 [h, w] in
-        0..len(subset)-1: the argmax, then the exact softmax replayed at the near ties."""
+    def pick(self, subset: np.ndarray):
+        """(argmax in 0..len(subset)-1, near ties) [h, w] over the masks `subset` (sorted indices)."""
         rows = np.full(len(self.device), -1, np.int32)
         rows[subset] = np.arange(len(subset), dtype=np.int32)
         best, near = jax.device_get(_pick(self.device, rows))
-        best, near = best[:self.h, :self.w].astype(np.int64), near[:self.h, :self.w]
-        ties = np.flatnonzero(near)
-        if len(subset) > 1 and len(ties):
-            width = self.device.shape[-1]
-            pixels = np.zeros(_NEAR_MULTIPLE * 2 ** int(np.ceil(np.log2(-(-len(ties) // _NEAR_MULTIPLE)))), np.int32)
-            pixels[:len(ties)] = ties // self.w * width + ties % self.w
-            order = np.full(-(-len(subset) // _SUM_LANES) * _SUM_LANES, -1, np.int32)
-            order[:len(subset)] = subset
-            exact = jax.device_get(_replay_near_ties(self.device, order, np.int32(len(subset)), pixels))
-            best.reshape(-1)[ties] = exact[:len(ties)]
-        return best
+        return best[:self.h, :self.w], near[:self.h, :self.w]
 
 
 def _panoptic_one(logits, masks, src_hw, size_hw, orig_hw, is_thing, threshold) -> Dict[str, Any]:
@@ -410,12 +373,12 @@ def _panoptic_one(logits, masks, src_hw, size_hw, orig_hw, is_thing, threshold) 
         if not is_thing(int(label)):
             stuff[int(label)].append(k)
     merge = [equiv for equiv in stuff.values() if len(equiv) > 1]
-    id_map = _segment_map(masks, len(kept), merge, orig_hw, resampled and resampled.softmax_argmax(subset))
+    id_map = _segment_map(masks, len(kept), merge, orig_hw, resampled and resampled.pick(subset))
     area = np.bincount(id_map.ravel(), minlength=len(kept))[:len(kept)]
     while len(kept) and (area <= MIN_SEGMENT_AREA).any():  # drop tiny segments, redo without merging
         big = area > MIN_SEGMENT_AREA
         kept, classes, masks, subset = kept[big], classes[big], masks[big], subset[big]
-        id_map = _segment_map(masks, len(kept), [], orig_hw, resampled.softmax_argmax(subset) if len(kept) else None)
+        id_map = _segment_map(masks, len(kept), [], orig_hw, resampled.pick(subset) if len(kept) else None)
         area = np.bincount(id_map.ravel(), minlength=len(kept))[:len(kept)]
     segments = [{"id": i, "isthing": bool(is_thing(int(c))), "category_id": int(c), "area": int(a)}
                 for i, (c, a) in enumerate(zip(classes, area))]
