@@ -183,7 +183,7 @@ def add_demo_command(subparsers) -> None:
     p.add_argument("--workdir", default="demo", help="data, checkpoints, metrics and pictures go here")
     p.add_argument("--max-steps", type=int, help="train steps of each of the two stages (default: configs/demo.py)")
     p.add_argument("--schedule", default="default",
-                   help='"default" (about 14 minutes on 2 cores) or "long" (about 4x longer: box AP 46.8, PQ 58.2 '
+                   help='"default" (about 14 minutes on 2 cores) or "long" (about an hour: box AP 53.3, PQ 53.4 '
                         'in one run; SCHEDULES in configs/demo.py)')
     p.add_argument("--no-progress", action="store_true")
 

@@ -52,7 +52,7 @@ def test_the_long_schedule_trains_both_stages_longer_and_a_wrong_name_is_refused
 
     assert schedules() == ["default", "long"]
     default, long = ({name: c.train for name, c in demo_stages(schedule=s)} for s in ("default", "long"))
-    assert (long["detection"].max_steps, long["masks"].max_steps) == (8000, 1200)
+    assert (long["detection"].max_steps, long["masks"].max_steps) == (6000, 2000)
     assert long["detection"].max_steps > default["detection"].max_steps
     assert long["masks"].max_steps > default["masks"].max_steps
     for name in ("detection", "masks"):   # only the steps and the lr drop change
