@@ -57,12 +57,6 @@ def make_batch(batch: int, h: int, w: int, slots: int, seed: int = 0) -> Dict[st
             "masks": (rng.uniform(size=(batch, slots, h, w)) < 0.1) & valid[..., None, None]}
 
 
-def target_slots(data_config) -> int:
-    """Slots of the bench batch: max_boxes, or what `box_bucket` makes of OBJECTS targets."""
-    bucket = data_config.box_bucket
-    return data_config.max_boxes if bucket is None else min(data_config.max_boxes, -(-OBJECTS // bucket) * bucket)
-
-
 def fixed_match(outputs, targets, **unused):
     """Query i -> target slot i where that slot is valid: matching without the Hungarian algorithm."""
     import jax.numpy as jnp
@@ -117,6 +111,7 @@ def run_case(config, name: str, repeats: int) -> Dict[str, float]:
     import jax
 
     from detr_jax import losses, optim
+    from detr_jax.data.loader import target_slots
     from detr_jax.models.detr import DETR, init_variables
     from detr_jax.train import make_train_step, stage_configs
     from detr_jax.train_state import create_train_state
@@ -128,7 +123,7 @@ def run_case(config, name: str, repeats: int) -> Dict[str, float]:
     make = lambda: make_train_step(DETR(model_config), loss_config, optimizer,  # noqa: E731
                                    optim.lr_schedule(config.train.lr, config.train, 1000),
                                    optim.trainable_mask(variables["params"], config.train), axis_name=None)
-    batch = make_batch(batch_size, h, w, target_slots(config.data))
+    batch = make_batch(batch_size, h, w, target_slots(OBJECTS, config.data))
     rng = np.asarray(jax.random.PRNGKey(1))
     result = time_step(make(), create_train_state(variables, optimizer), batch, rng, repeats)
     original = losses.hungarian_match
@@ -342,6 +337,7 @@ def main(argv=None) -> None:
     import jax
 
     from detr_jax.config import load_config
+    from detr_jax.data.loader import target_slots
 
     config = load_config(args.config)
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, stage="all"),
@@ -351,7 +347,7 @@ def main(argv=None) -> None:
     print(f"`python bench/bench_train_step.py {' '.join(sys.argv[1:] if argv is None else argv)}` "
           f"on {jax.devices()[0].device_kind} ({jax.default_backend()}, {os.cpu_count()} CPUs), "
           f"jax {jax.__version__}, {args.config}, random init, {OBJECTS} objects / image in "
-          f"{target_slots(config.data)} target slots (JAX)")
+          f"{target_slots(OBJECTS, config.data)} target slots (JAX)")
     torch_info = [r for r in torch_results.values() if r]
     if torch_info:
         print(f"PyTorch {torch_info[0]['torch']} ({torch_info[0]['threads']} threads): the original's step "

@@ -30,7 +30,10 @@ def save(path, config: ModelConfig, variables: Dict[str, Any], source: Optional[
     path = pathlib.Path(path).absolute()
     path.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT_VERSION, "model": config.to_dict(), "source": source}
-    variables = jax.tree_util.tree_map(np.asarray, variables)
+    # collections without arrays (the `buffers` of a model without frozen BatchNorm, as training
+    # exports them) are left out: the restore tree (`expected_shapes`) has none
+    variables = {name: jax.tree_util.tree_map(np.asarray, tree) for name, tree in variables.items()
+                 if jax.tree_util.tree_leaves(tree)}
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path / "variables", variables, force=True)
     (path / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -52,14 +55,8 @@ def load_variables(path, config: ModelConfig) -> Dict[str, Any]:
     from flax.traverse_util import unflatten_dict
 
     abstract = unflatten_dict({k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in expected_shapes(config).items()})
-    directory = pathlib.Path(path).absolute() / "variables"
     with ocp.StandardCheckpointer() as checkpointer:
-        # a model without frozen BatchNorm (the ConvNet backbone) saves an empty `buffers` collection
-        on_disk = getattr(getattr(checkpointer.metadata(directory), "item_metadata", None), "tree", None) or {}
-        for collection, tree in on_disk.items():
-            if collection not in abstract and not jax.tree_util.tree_leaves(tree):
-                abstract[collection] = {}
-        return checkpointer.restore(directory, abstract)
+        return checkpointer.restore(pathlib.Path(path).absolute() / "variables", abstract)
 
 
 MASK_QUERY_MULTIPLE = 8   # `mask_threshold`: the mask head runs on a multiple of this many queries

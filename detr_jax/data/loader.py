@@ -57,6 +57,14 @@ def _bucket(size: Sequence[int], multiple: int, cap: Optional[int]) -> Tuple[int
     return tuple(max(min(r, cap), int(s)) for r, s in zip(rounded, size))
 
 
+def target_slots(most: int, config: DataConfig) -> int:
+    """Target slots M of a batch whose largest target count is `most`: max_boxes, or with
+    `box_bucket` that count rounded up to a multiple of it (at least one bucket, at most max_boxes)."""
+    if config.box_bucket is None:
+        return config.max_boxes
+    return min(config.max_boxes, max(1, -(-most // config.box_bucket)) * config.box_bucket)
+
+
 def collate(samples: List[Sample], max_boxes: int, bucket_multiple: int, max_side: Optional[int] = None,
             sample_valid: Optional[Sequence[bool]] = None,
             with_masks: Optional[bool] = None) -> Dict[str, np.ndarray]:
@@ -110,9 +118,9 @@ class Loader:
         self.transform = transform or (lambda record, rng: finalize(record))
         self.num_workers, self.prefetch, self.drop_remainder = num_workers, prefetch, drop_remainder
         self.shard_index, self.num_shards = shard_index, num_shards
-        self.max_boxes, self.bucket_multiple, self.box_bucket = config.max_boxes, config.bucket_multiple, config.box_bucket
-        if self.box_bucket is not None and (num_shards > 1 or self.box_bucket < 1):
-            raise ValueError(f"box_bucket={self.box_bucket}: needs a positive multiple and one host "
+        self.config, self.max_boxes, self.bucket_multiple = config, config.max_boxes, config.bucket_multiple
+        if config.box_bucket is not None and (num_shards > 1 or config.box_bucket < 1):
+            raise ValueError(f"box_bucket={config.box_bucket}: needs a positive multiple and one host "
                              f"(this loader is shard {shard_index} of {num_shards}; hosts must agree on shapes)")
         self.max_side = max(config.max_size, config.train_max_size)
         n = len(dataset)
@@ -181,15 +189,8 @@ class Loader:
             log.warning("an image has more than max_boxes=%d targets: keeping the largest by area "
                         "(warned once)", self.max_boxes)
             self._warned_max_boxes = True
-        return collate(filled, self.slots(filled), self.bucket_multiple, self.max_side, valid)
-
-    def slots(self, samples: List[Sample]) -> int:
-        """Target slots M of a batch of `samples`: max_boxes, or with `box_bucket` the largest
-        target count rounded up to a multiple of it (at least one bucket, at most max_boxes)."""
-        if self.box_bucket is None:
-            return self.max_boxes
-        most = max(len(s["labels"]) for s in samples)
-        return min(self.max_boxes, max(1, -(-most // self.box_bucket)) * self.box_bucket)
+        slots = target_slots(max(len(s["labels"]) for s in filled), self.config)
+        return collate(filled, slots, self.bucket_multiple, self.max_side, valid)
 
     def iterate(self, start_step: int = 0,
                 num_steps: Optional[int] = None) -> Iterator[Dict[str, np.ndarray]]:
