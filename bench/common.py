@@ -55,6 +55,29 @@ def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 0) -> Dict[
             "runs_s": runs}
 
 
+def executed_gflops(fn: Callable, *args, **kwargs) -> float:
+    """GFLOPs that `fn(*args, **kwargs)` executes, from XLA's cost analysis of its lowering.
+
+    XLA counts the body of a loop once, whatever its trip count, and the attention over long
+    sequences (the encoder's thousands of tokens) runs its query blocks in a loop (`lax.map`): a
+    plain count misses all blocks but one (at 800x1066: 56 of the encoder's 124 GFLOPs counted).
+    So `fn` is lowered with the blocks as one (`query_blocks` -> 1 block; the same arithmetic, not
+    compiled or run).  `fn` may be jitted (its wrapped function is traced afresh).
+    """
+    from unittest import mock
+
+    import jax
+
+    from detr_jax.models import transformer
+
+    plain = getattr(fn, "__wrapped__", fn)
+    with mock.patch.object(transformer, "query_blocks", lambda n, limit: (1, n)):
+        cost = jax.jit(lambda *a, **k: plain(*a, **k), static_argnames=tuple(
+            k for k, v in kwargs.items() if not hasattr(v, "shape"))).lower(*args, **kwargs).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan"))) / 1e9
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far (Linux ru_maxrss is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -14,10 +14,13 @@ Cases:
   detection_bN  R50 detection (91 classes: the recipe without the mask head, class_embed resized)
   panoptic_photo  R50-DC5 panoptic from a photo file to the post-processed panoptic result: a
                 600x800 photo (coffee, resized once) loaded and resized to 800x1066, normalized,
-                the model, PostProcessPanoptic (threshold 0.85).  Both sides use detr_jax's numpy
-                pre- and post-processing (which reproduce the original's, tests/test_predict.py);
-                jax: the mask head on the queries over the threshold only (`mask_threshold`), torch:
-                the original, all 100 queries
+                the model, PostProcessPanoptic (threshold 0.85) to the PNG and segments_info the
+                original returns.  Both sides use detr_jax's pre-processing (PIL resize, numpy
+                normalize: the original's transforms, tests/test_preprocess.py); jax: the mask head
+                on the queries over the threshold only (`mask_threshold`) and detr_jax's
+                post-processing, torch: the original model (all 100 queries) and the original's
+                PostProcessPanoptic in torch (torch_detr.postprocess_panoptic, checked against the
+                original's fixtures in tests/test_torch_reference.py)
   pipeline      detr_jax pre-processing of the photo folder and post-processing (boxes, panoptic)
                 of the original's outputs at inference size (forward_large.npz); JAX side only
   train_step    hook for bench/bench_train_step.py (`run_benchmark()`), when it exists
@@ -27,7 +30,8 @@ library default), `torch` (eager, no_grad, bench/torch_detr.py), `torch_compile`
 
 Per case and framework: median / min / max of `--repeats` runs after the first call (the first
 call is reported apart: compilation for JAX and torch.compile, one-off set-up for eager torch),
-peak RSS, XLA's FLOP count of the jitted program (`compiled.cost_analysis()["flops"]`) and the
+peak RSS, XLA's FLOP count of the jitted program as executed (`common.executed_gflops`: the
+attention's query-block loop counted at its trip count) and the
 achieved fraction of the float32 matmul peak (best of jnp.dot and torch.mm, 2048^3, measured in
 the same run).  Threads: see bench/common.py (CPU affinity; XLA has no thread-count flag).
 """
@@ -135,12 +139,10 @@ def run_jax(case: ModelCase, repeats: int, padding_invariant: bool, mask_queries
     start = time.perf_counter()
     compiled = apply.lower(variables, images, valid).compile()
     compile_s = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     timing = common.time_calls(lambda: jax.block_until_ready(compiled(variables, images, valid)), repeats)
     timing["compile_s"] = compile_s
     timing["first_call_s"] = compile_s + timing["first_s"]
-    timing["flops"] = float(cost.get("flops", 0.0)) if cost else None
+    timing["flops"] = 1e9 * common.executed_gflops(apply, variables, images, valid)
     timing["config"] = f"{config.backbone}{'-DC5' if config.dilation else ''} " \
                        f"{'panoptic' if config.masks else 'detection'}, padding_invariant={padding_invariant}, " \
                        f"mask_queries={mask_queries or 'all'}"
@@ -178,6 +180,7 @@ def run_torch(case: ModelCase, repeats: int, compile_model: bool) -> Dict[str, o
 def run_panoptic_photo(framework: str, repeats: int) -> Dict[str, object]:
     """Photo file -> panoptic result, R50-DC5 panoptic (see the module docstring)."""
     import base64
+    import io
     import statistics
     import time
 
@@ -203,6 +206,13 @@ def run_panoptic_photo(framework: str, repeats: int) -> Dict[str, object]:
             def forward(x, valid):
                 out = model(x, valid, mask_threshold=postprocess.PANOPTIC_THRESHOLD)
                 return np.asarray(out["pred_logits"]), np.asarray(out["pred_masks"])
+
+            def post(logits, masks, size):
+                result = postprocess.postprocess_panoptic(logits, masks, np.array([size]), np.array([PHOTO_HW]))[0]
+                with io.BytesIO() as png:   # the PNG the original returns
+                    Image.fromarray(postprocess.panoptic_to_png(result["id_map"])).save(png, format="PNG")
+                    result["png_string"] = png.getvalue()
+                return result
         else:
             import torch
 
@@ -210,12 +220,17 @@ def run_panoptic_photo(framework: str, repeats: int) -> Dict[str, object]:
 
             model = torch_detr.load_state_dict(
                 torch_detr.build_detr("resnet50", dilation=True, masks=True, num_classes=250).eval(), sd)
+            is_thing = {i: postprocess.default_is_thing(i) for i in range(250)}   # the map the original evaluates with
 
             def forward(x, valid):
                 with torch.no_grad():
                     out = model(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
                                 torch.from_numpy(~valid))
-                return out["pred_logits"].numpy(), out["pred_masks"].numpy()
+                return out["pred_logits"], out["pred_masks"]
+
+            def post(logits, masks, size):
+                with torch.no_grad():
+                    return torch_detr.postprocess_panoptic(logits, masks, [size], [PHOTO_HW], is_thing)[0]
 
         stages: Dict[str, List[float]] = {"preprocess_s": [], "model_s": [], "postprocess_s": []}
         results, inputs = [], []
@@ -228,8 +243,7 @@ def run_panoptic_photo(framework: str, repeats: int) -> Dict[str, object]:
             t1 = time.perf_counter()
             logits, masks = forward(x, valid)
             t2 = time.perf_counter()
-            results.append(postprocess.postprocess_panoptic(logits, masks, np.array([image.shape[:2]]),
-                                                            np.array([PHOTO_HW]))[0])
+            results.append(post(logits, masks, image.shape[:2]))
             t3 = time.perf_counter()
             for key, value in zip(stages, (t1 - t0, t2 - t1, t3 - t2)):
                 stages[key].append(value)
@@ -241,17 +255,17 @@ def run_panoptic_photo(framework: str, repeats: int) -> Dict[str, object]:
 
             out = dict(model._apply(model.variables, x, valid, mask_queries=0))
             indices = jax.numpy.asarray(queries_over_threshold(np.asarray(out["pred_logits"]), postprocess.PANOPTIC_THRESHOLD))
-            costs = [model._apply.lower(model.variables, x, valid, mask_queries=0).compile().cost_analysis(),
-                     model._masks_of.lower(model.variables["params"], out["mask_inputs"], indices).compile().cost_analysis()]
-            costs = [c[0] if isinstance(c, (list, tuple)) else c for c in costs]
-            timing["flops"] = float(sum(c.get("flops", 0.0) for c in costs))
+            timing["flops"] = 1e9 * (common.executed_gflops(model._apply, model.variables, x, valid, mask_queries=0)
+                                     + common.executed_gflops(model._masks_of, model.variables["params"],
+                                                              out["mask_inputs"], indices))
             timing["mask_queries"] = int(indices.shape[1])
     timing.update({k: statistics.median(v[1:]) for k, v in stages.items()})
     timing["first_call_s"] = timing["first_s"]
     timing["input_hw"] = list(x.shape[1:3])
     last = results[-1]
     timing["segments"] = [(int(s["category_id"]), bool(s["isthing"]), int(s["area"])) for s in last["segments_info"]]
-    timing["id_map_uint8_b64"] = base64.b64encode(last["id_map"].astype(np.uint8).tobytes()).decode()
+    id_map = postprocess.png_to_ids(np.asarray(Image.open(io.BytesIO(last["png_string"])).convert("RGB")))
+    timing["id_map_uint8_b64"] = base64.b64encode(id_map.astype(np.uint8).tobytes()).decode()
     return timing
 
 

@@ -3,7 +3,8 @@
 Each component of `detr_jax.models.DETR` is jitted on its own (its parameters from the same
 variables, its inputs taken from one full forward) and timed like the whole model: the backbone,
 the encoder, the decoder, the bbox attention + mask head on the K best queries (`--mask-queries`,
-the Predictor's 32 by default) or on all 100.  For each: median time, XLA's FLOP count, GFLOP/s
+the Predictor's 32 by default) or on all 100.  For each: median time, XLA's FLOP count as executed
+(`common.executed_gflops`: loops at their trip count), GFLOP/s
 and the fraction of the float32 matmul peak measured in the same run, and its share of the sum.
 
     python bench/profile_forward.py [--repeats 3] [--threads 2] [--mask-queries 32] [--size 800x1066]
@@ -106,10 +107,8 @@ def main() -> None:
     peak = common.matmul_peak_gflops("jax")
     rows = []
     for name, (fn, fn_args) in component_functions(config, variables, x, mask, args.mask_queries or None).items():
-        cost = fn.lower(*fn_args).compile().cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
         timing = common.time_calls(lambda: jax.block_until_ready(fn(*fn_args)), args.repeats)
-        rows.append((name, timing["median_s"], float(cost.get("flops", float("nan"))) / 1e9))
+        rows.append((name, timing["median_s"], common.executed_gflops(fn, *fn_args)))
         print(f"{name}: {timing['median_s'] * 1e3:.0f} ms", file=sys.stderr, flush=True)
     total = sum(r[1] for r in rows)
     m = common.machine()

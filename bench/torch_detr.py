@@ -17,8 +17,10 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
 BN_EPS = 1e-5
@@ -315,6 +317,73 @@ class DETRsegm(nn.Module):
         return out
 
 
+# ---------------------------------------------------------------------------------------------
+# The original's PostProcessPanoptic, in torch (what the original's evaluation runs after the model)
+# ---------------------------------------------------------------------------------------------
+MIN_SEGMENT_AREA = 4        # segments of this many pixels or fewer are dropped
+
+
+def _ids_to_rgb(ids: np.ndarray) -> np.ndarray:
+    return np.stack([(ids >> shift) & 255 for shift in (0, 8, 16)], axis=-1).astype(np.uint8)
+
+
+def _segment_map(masks: Tensor, merge: List[List[int]], size: Tuple[int, int], final: Tuple[int, int]):
+    """masks [K, h*w] -> (id map [H0, W0] int64 tensor, PIL image of the PNG), as the original:
+    per-pixel argmax of the softmax over the kept queries, stuff duplicates merged into the first,
+    resized to the original size with PIL NEAREST through the RGB encoding."""
+    h, w = size
+    if masks.shape[0] == 0:
+        ids = torch.zeros((h, w), dtype=torch.long)
+    else:
+        ids = masks.transpose(0, 1).softmax(-1).argmax(-1).view(h, w)
+    for equiv in merge:
+        for other in equiv:
+            ids.masked_fill_(ids.eq(other), equiv[0])
+    image = Image.fromarray(_ids_to_rgb(ids.numpy())).resize((final[1], final[0]), Image.NEAREST)
+    rgb = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(final[0], final[1], 3).long()
+    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2], image
+
+
+def postprocess_panoptic(pred_logits: Tensor, pred_masks: Tensor, processed_sizes, target_sizes,
+                         is_thing, threshold: float = 0.85) -> List[Dict[str, object]]:
+    """The original `PostProcessPanoptic` (facebookresearch/detr, models/segmentation.py) on a
+    batch: per image the PNG bytes and segments_info [{id, isthing, category_id, area}].
+
+    Keeps queries whose max softmax (no-object included) is over `threshold` and whose argmax is
+    not no-object; upsamples their masks bilinearly from the PADDED grid to the processed size;
+    per-pixel argmax of the softmax over them; stuff duplicates merged; resized to `target_sizes`
+    with PIL NEAREST; then, while a segment has <= 4 pixels, drops those and redoes the map without
+    the merge.  `is_thing`: {category_id: bool}.  tests/test_torch_reference.py checks it against
+    the original's post-processing fixtures.
+    """
+    import io
+
+    results = []
+    for logits, masks, size, final in zip(pred_logits, pred_masks, processed_sizes, target_sizes):
+        size, final = (int(size[0]), int(size[1])), (int(final[0]), int(final[1]))
+        scores, labels = logits.softmax(-1).max(-1)
+        keep = labels.ne(logits.shape[-1] - 1) & (scores > threshold)
+        classes = labels[keep]
+        kept = F.interpolate(masks[keep][:, None], size=size, mode="bilinear").squeeze(1).flatten(1)
+        stuff: Dict[int, List[int]] = {}
+        for k, label in enumerate(classes.tolist()):
+            if not is_thing[label]:
+                stuff.setdefault(label, []).append(k)
+        ids, image = _segment_map(kept, [e for e in stuff.values() if len(e) > 1], size, final)
+        area = [int(ids.eq(i).sum()) for i in range(len(classes))]
+        while area and min(area) <= MIN_SEGMENT_AREA:
+            big = torch.tensor([a > MIN_SEGMENT_AREA for a in area])
+            classes, kept = classes[big], kept[big]
+            ids, image = _segment_map(kept, [], size, final)
+            area = [int(ids.eq(i).sum()) for i in range(len(classes))]
+        segments = [{"id": i, "isthing": bool(is_thing[int(c)]), "category_id": int(c), "area": a}
+                    for i, (c, a) in enumerate(zip(classes.tolist(), area))]
+        with io.BytesIO() as png:
+            image.save(png, format="PNG")
+            results.append({"png_string": png.getvalue(), "segments_info": segments})
+    return results
+
+
 def build_detr(backbone: str = "resnet50", dilation: bool = False, masks: bool = False,
                num_classes: int = 91, num_queries: int = 100) -> nn.Module:
     """The original's model for a release: DETR, or DETRsegm(DETR) with `masks` (keys `detr.*`)."""
@@ -324,8 +393,6 @@ def build_detr(backbone: str = "resnet50", dilation: bool = False, masks: bool =
 
 def load_state_dict(model: nn.Module, state_dict) -> nn.Module:
     """Load numpy or torch tensors in the original key layout, strictly (lists mismatches)."""
-    import numpy as np
-
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
                for k, v in state_dict.items()}
     model.load_state_dict(tensors, strict=True)

@@ -152,6 +152,41 @@ def test_softmax_argmax_replays_torch_on_near_ties():
         np.testing.assert_array_equal(pp._softmax_argmax(x), expected)
 
 
+def test_softmax_argmax_is_the_plain_argmax_beyond_the_near_tie_gap():
+    """Only pixels whose runner-up is within `_NEAR_TIE_GAP` of the top logit can change under
+    torch's softmax; closer ones do change (so the replay is needed, and exercised)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    for k in (3, 16, 23, 40):
+        for scale in (0.05, 1.0, 30.0):
+            x = rng.normal(0, scale, (k, 4096)).astype(np.float32)
+            gaps = pp._NEAR_TIE_GAP * rng.choice([0.005, 0.02, 0.1, 0.5, 1.01, 1.5, 3.0, 10.0], 4096)
+            x[0] = x.max(0)
+            x[1] = x[0] + gaps.astype(np.float32)   # query 1 on top, query 0 the runner-up just under it
+            torch_best = torch.from_numpy(x).T.softmax(-1).argmax(-1).numpy()
+            srt = np.sort(x, axis=0)
+            far = srt[-1] - srt[-2] > pp._NEAR_TIE_GAP
+            np.testing.assert_array_equal(np.argmax(x, 0)[far], torch_best[far])
+            np.testing.assert_array_equal(pp._softmax_argmax(x.reshape(k, 64, 64)).ravel(), torch_best)
+            if scale < 1 and k > 3:
+                assert (np.argmax(x, 0) != torch_best).any(), "near ties should change some pixels"
+
+
+def test_device_pick_is_argmax_over_the_subset_with_ties_to_the_first():
+    rng = np.random.default_rng(4)
+    x = rng.normal(0, 1, (8, 32, 48)).astype(np.float32)
+    x[5] = x[2]                                   # exact ties: the earlier row wins
+    x[6, :8] = x[2, :8] + pp._NEAR_TIE_GAP / 2    # near ties
+    subset = np.array([1, 2, 5, 6])
+    rows = np.full(8, -1, np.int32)
+    rows[subset] = np.arange(len(subset), dtype=np.int32)
+    best, near = jax.device_get(pp._pick(jnp.asarray(x), jnp.asarray(rows)))
+    want_best, want_near = pp._argmax_and_near_ties(np, x[subset])
+    np.testing.assert_array_equal(best, want_best)
+    np.testing.assert_array_equal(near, want_near)
+    assert near[:8].any() and not near[8:].all()
+
+
 def test_instance_masks_jit_with_traced_sizes():
     """Sizes are data, not shapes: one compilation serves every image size of a mask grid."""
     x = reference_arrays("postprocess_synthetic.npz", ["pred_masks", "image_sizes"])

@@ -77,3 +77,30 @@ def test_padded_batch_reproduces_the_original(panoptic_model):
     ref = reference_arrays("forward_batch.npz", OUTPUT_KEYS)
     assert ref["pixel_mask"].any(), "the batch fixture should contain padding"
     assert_matches_fixture(run(panoptic_model, ref), ref)
+
+
+POST_CASES = [("single", "forward_single.npz"), ("synthetic", "postprocess_synthetic.npz"), ("batch", "forward_batch.npz")]
+
+
+@pytest.mark.parametrize("case,source", POST_CASES, ids=[c for c, _ in POST_CASES])
+def test_panoptic_postprocessing_is_the_originals(case, source):
+    """The torch PostProcessPanoptic that compare_torch times gives the original's PNGs and segments."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from conftest import reference_path
+    from detr_jax.panoptic_quality import rgb_to_id
+
+    x = reference_arrays(source, ["pred_logits", "pred_masks", "image_sizes", "orig_sizes"])
+    with np.load(reference_path(f"postprocess_{case}.npz")) as data:
+        ref = {k: data[k] for k in data.files}
+    summary = json.loads(reference_path("summary.json").read_text())["postprocess"][case]
+    results = torch_detr.postprocess_panoptic(torch.from_numpy(x["pred_logits"]), torch.from_numpy(x["pred_masks"]),
+                                              x["image_sizes"], x["orig_sizes"], {i: i <= 90 for i in range(201)})
+    assert len(results) == len(x["pred_logits"])
+    for i, result in enumerate(results):
+        ids = rgb_to_id(np.asarray(Image.open(io.BytesIO(result["png_string"])).convert("RGB")))
+        np.testing.assert_array_equal(ids, ref[f"panoptic_ids_{i}"])
+        assert result["segments_info"] == summary["images"][i]["segments_info"]
