@@ -82,13 +82,47 @@ def _masks_of_queries(config: ModelConfig, params, mask_inputs, indices):
     return fill_skipped_masks(mask_logits(config, params, mask_inputs, indices), indices, config.num_queries)
 
 
+@functools.lru_cache(maxsize=None)
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return getattr(libc, "malloc_trim", None)     # glibc only (not musl)
+
+
+def release_host_memory() -> None:
+    """Give the free pages of the C heap back to the OS (glibc's `malloc_trim`; a no-op elsewhere).
+
+    XLA frees its compiler's working memory when a compilation ends, but glibc keeps those pages:
+    after compiling R50 at 800x1066 the process stays ~170 MB larger (RSS) until they are trimmed.
+    `DETRModel` calls this after every call that compiled a new program.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _call_releasing_compiler_memory(fn, *args, **kwargs):
+    """fn(*args, **kwargs) for a jitted fn, then `release_host_memory` if that call compiled."""
+    compiled = fn._cache_size() if hasattr(fn, "_cache_size") else None
+    out = fn(*args, **kwargs)
+    if compiled is not None and fn._cache_size() != compiled:
+        release_host_memory()
+    return out
+
+
 class DETRModel:
     """A converted or trained DETR ready to run: `.config`, `.variables`, `__call__`.
 
     `model(pixel_values, pixel_mask)`: pixel_values float32 [B, H, W, 3] normalized with the
     ImageNet mean/std; pixel_mask bool [B, H, W], True on real pixels, False on padding (the
     original DETR's mask is True on padding).  Returns the dict described in
-    `detr_jax.models.detr`.  The jitted function is compiled once per input shape and reused.
+    `detr_jax.models.detr`.  The jitted function is compiled once per input shape and reused;
+    the compiler's freed memory is given back to the OS after each compilation.
     """
 
     def __init__(self, config: ModelConfig, variables: Dict[str, Any]):
@@ -113,14 +147,15 @@ class DETRModel:
         calls, the model without the mask head, then the mask head on the chosen queries.
         """
         pixel_values, pixel_mask = jnp.asarray(pixel_values), jnp.asarray(pixel_mask, bool)
+        run = _call_releasing_compiler_memory
         if mask_threshold is None or not self.config.masks:
-            return self._apply(self.variables, pixel_values, pixel_mask,
-                               padding_invariant=padding_invariant, mask_queries=mask_queries)
-        out = dict(self._apply(self.variables, pixel_values, pixel_mask, padding_invariant=padding_invariant,
-                               mask_queries=0))
+            return run(self._apply, self.variables, pixel_values, pixel_mask,
+                       padding_invariant=padding_invariant, mask_queries=mask_queries)
+        out = dict(run(self._apply, self.variables, pixel_values, pixel_mask, padding_invariant=padding_invariant,
+                       mask_queries=0))
         inputs = out.pop("mask_inputs")
         indices = queries_over_threshold(np.asarray(out["pred_logits"]), mask_threshold)
-        out["pred_masks"] = self._masks_of(self.variables["params"], inputs, jnp.asarray(indices))
+        out["pred_masks"] = run(self._masks_of, self.variables["params"], inputs, jnp.asarray(indices))
         out["mask_query_indices"] = indices
         return out
 

@@ -179,6 +179,22 @@ def test_compiles_once_per_shape(tiny_model):
     assert tiny_model._apply._cache_size() == before + 2
 
 
+def test_compiler_memory_is_released_after_each_compilation_only(tiny_model, monkeypatch):
+    from detr_jax import checkpoint
+
+    releases = []
+    monkeypatch.setattr(checkpoint, "release_host_memory", lambda: releases.append(1))
+    x, mask = random_images([(32, 96)], (32, 96))
+    tiny_model(x, mask)
+    tiny_model(x, mask)
+    assert len(releases) == 1
+    tiny_model(x, mask, mask_threshold=0.0)     # two new programs: the model without masks, the mask head
+    tiny_model(x, mask, mask_threshold=0.0)
+    assert len(releases) == 3
+    monkeypatch.undo()
+    checkpoint.release_host_memory()            # the real one runs (glibc malloc_trim, or nothing)
+
+
 def test_convnet_backbone_gives_stride_16_tokens_and_a_stride_4_mask_grid(tiny_convnet_model):
     x, mask = random_images([(64, 96)], (64, 96))
     out, state = tiny_convnet_model.module.apply(tiny_convnet_model.variables, x, mask, mutable=["intermediates"])
