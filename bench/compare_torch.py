@@ -136,7 +136,8 @@ def run_jax(case: ModelCase, repeats: int, padding_invariant: bool, mask_queries
         model(images, valid, padding_invariant=padding_invariant, mask_queries=mask_queries)), repeats)
     timing["compile_s"] = timing["first_s"] - timing["median_s"]
     timing["first_call_s"] = timing["first_s"]
-    timing["flops"] = 1e9 * common.executed_gflops(model._apply, model.variables, images, valid,
+    timing["flops"] = 1e9 * common.executed_gflops(lambda *a, **k: model.module.apply(*a, **k),   # the batch at once
+                                                   model.variables, images, valid,
                                                    padding_invariant=padding_invariant, mask_queries=mask_queries)
     timing["config"] = f"{config.backbone}{'-DC5' if config.dilation else ''} " \
                        f"{'panoptic' if config.masks else 'detection'}, padding_invariant={padding_invariant}, " \

@@ -179,6 +179,19 @@ def test_compiles_once_per_shape(tiny_model):
     assert tiny_model._apply._cache_size() == before + 2
 
 
+@pytest.mark.parametrize("padding_invariant", [True, False])
+def test_a_batch_runs_image_by_image_with_the_batch_outputs(tiny_model, padding_invariant):
+    x, mask = random_images([(64, 80), (50, 70), (64, 96)], (64, 96), seed=5)
+    batch = tiny_model.module.apply(tiny_model.variables, x, mask, padding_invariant=padding_invariant)
+    one_by_one = tiny_model(x, mask, padding_invariant=padding_invariant)
+    assert jax.tree_util.tree_structure(one_by_one) == jax.tree_util.tree_structure(batch)
+    for got, want in zip(jax.tree_util.tree_leaves(one_by_one), jax.tree_util.tree_leaves(batch)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    jaxpr = str(jax.make_jaxpr(lambda a, b: tiny_model._apply(tiny_model.variables, a, b))(x, mask))
+    assert "scan" in jaxpr         # one image at a time (lax.map), not the batch at once
+    assert "scan" not in str(jax.make_jaxpr(lambda a, b: tiny_model.module.apply(tiny_model.variables, a, b))(x, mask))
+
+
 def test_compiler_memory_is_released_after_each_compilation_only(tiny_model, monkeypatch):
     from detr_jax import checkpoint
 
