@@ -136,8 +136,7 @@ def run_jax(case: ModelCase, repeats: int, padding_invariant: bool, mask_queries
         model(images, valid, padding_invariant=padding_invariant, mask_queries=mask_queries)), repeats)
     timing["compile_s"] = timing["first_s"] - timing["median_s"]
     timing["first_call_s"] = timing["first_s"]
-    timing["flops"] = 1e9 * common.executed_gflops(lambda *a, **k: model.module.apply(*a, **k),   # the batch at once
-                                                   model.variables, images, valid,
+    timing["flops"] = 1e9 * common.executed_gflops(model.module.apply, model.variables, images, valid,   # the batch at once
                                                    padding_invariant=padding_invariant, mask_queries=mask_queries)
     timing["config"] = f"{config.backbone}{'-DC5' if config.dilation else ''} " \
                        f"{'panoptic' if config.masks else 'detection'}, padding_invariant={padding_invariant}, " \
@@ -253,7 +252,7 @@ def run_panoptic_photo(framework: str, repeats: int) -> Dict[str, object]:
 
             out = dict(model._apply(model.variables, x, valid, mask_queries=0))
             indices = jax.numpy.asarray(queries_over_threshold(np.asarray(out["pred_logits"]), postprocess.PANOPTIC_THRESHOLD))
-            timing["flops"] = 1e9 * (common.executed_gflops(model._apply, model.variables, x, valid, mask_queries=0)
+            timing["flops"] = 1e9 * (common.executed_gflops(model.module.apply, model.variables, x, valid, mask_queries=0)
                                      + common.executed_gflops(model._masks_of, model.variables["params"],
                                                               out["mask_inputs"], indices))
             timing["mask_queries"] = int(indices.shape[1])
