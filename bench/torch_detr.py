@@ -323,14 +323,13 @@ class DETRsegm(nn.Module):
 MIN_SEGMENT_AREA = 4        # segments of this many pixels or fewer are dropped
 
 
-def _ids_to_rgb(ids: np.ndarray) -> np.ndarray:
-    return np.stack([(ids >> shift) & 255 for shift in (0, 8, 16)], axis=-1).astype(np.uint8)
-
-
 def _segment_map(masks: Tensor, merge: List[List[int]], size: Tuple[int, int], final: Tuple[int, int]):
     """masks [K, h*w] -> (id map [H0, W0] int64 tensor, PIL image of the PNG), as the original:
     per-pixel argmax of the softmax over the kept queries, stuff duplicates merged into the first,
-    resized to the original size with PIL NEAREST through the RGB encoding."""
+    resized to the original size with PIL NEAREST through the RGB encoding (panopticapi's
+    id2rgb / rgb2id, as detr_jax.panoptic_quality has them)."""
+    from detr_jax.panoptic_quality import id_to_rgb, rgb_to_id
+
     h, w = size
     if masks.shape[0] == 0:
         ids = torch.zeros((h, w), dtype=torch.long)
@@ -339,9 +338,8 @@ def _segment_map(masks: Tensor, merge: List[List[int]], size: Tuple[int, int], f
     for equiv in merge:
         for other in equiv:
             ids.masked_fill_(ids.eq(other), equiv[0])
-    image = Image.fromarray(_ids_to_rgb(ids.numpy())).resize((final[1], final[0]), Image.NEAREST)
-    rgb = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(final[0], final[1], 3).long()
-    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2], image
+    image = Image.fromarray(id_to_rgb(ids.numpy())).resize((final[1], final[0]), Image.NEAREST)
+    return torch.from_numpy(rgb_to_id(np.asarray(image))), image
 
 
 def postprocess_panoptic(pred_logits: Tensor, pred_masks: Tensor, processed_sizes, target_sizes,
