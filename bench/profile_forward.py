@@ -8,6 +8,12 @@ the Predictor's 32 by default) or on all 100.  For each: median time, XLA's FLOP
 and the fraction of the float32 matmul peak measured in the same run, and its share of the sum.
 
     python bench/profile_forward.py [--repeats 3] [--threads 2] [--mask-queries 32] [--size 800x1066]
+                                    [--compare-library-fusions]
+
+Each component is compiled with the XLA:CPU options `DETRModel` gives its program
+(`detr_jax.xla_cpu`: MODEL for the backbone, encoder and decoder, MASK_HEAD for the mask head).
+`--compare-library-fusions` times every component under each choice of YNNPACK library fusions
+instead (XLA's default, dot + reduce, dot, none), the calls interleaved, one table.
 
 Weights: the reference recipe when the fixture is present (else random of the right shapes).
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
+import time
 
 import numpy as np
 
@@ -23,8 +30,17 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
+LIBRARY_FUSION_CHOICES = {    # --compare-library-fusions: name -> YNNPACK fusions (None: XLA's default)
+    "XLA default": None,
+    "dot + reduce": ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT", "LIBRARY_FUSION_TYPE_REDUCE"),
+    "dot": ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",),
+    "none": (),
+}
+
+
 def component_functions(config, variables, x, mask, mask_queries):
-    """name -> (jitted function, its arguments): the model's components as separate programs."""
+    """name -> (function, its arguments, the library fusions DETRModel's program of it gets):
+    the model's components as separate programs."""
     import jax
     import jax.numpy as jnp
 
@@ -57,6 +73,8 @@ def component_functions(config, variables, x, mask, mask_queries):
         return Decoder(config.dec_layers, *args).apply({"params": params["transformer"]["decoder"]},
                                                        jnp.zeros_like(query_pos), memory, valid, pos, query_pos)
 
+    from detr_jax import xla_cpu
+
     features = [inter[f"backbone_layer{i}"] for i in (1, 2, 3, 4)]
     _, feature_sizes = jax.jit(backbone)(x, sizes)
 
@@ -73,12 +91,34 @@ def component_functions(config, variables, x, mask, mask_queries):
 
     logits = DETR(config).apply(variables, x, mask)["pred_logits"]
     return {
-        "backbone (ResNet-50 DC5)": (jax.jit(backbone), (x, sizes)),
-        "encoder (6 layers)": (jax.jit(encoder), (src, valid.reshape(b, -1), pos)),
-        "decoder (6 layers)": (jax.jit(decoder), (flat(memory), valid.reshape(b, -1), pos, query_pos)),
+        "backbone (ResNet-50 DC5)": (backbone, (x, sizes), xla_cpu.MODEL),
+        "encoder (6 layers)": (encoder, (src, valid.reshape(b, -1), pos), xla_cpu.MODEL),
+        "decoder (6 layers)": (decoder, (flat(memory), valid.reshape(b, -1), pos, query_pos), xla_cpu.MODEL),
         f"mask head ({mask_queries or config.num_queries} queries)": (
-            jax.jit(mask_head), (hs[-1], logits, memory, inter["projected"], features[2], features[1], features[0])),
+            mask_head, (hs[-1], logits, memory, inter["projected"], features[2], features[1], features[0]),
+            xla_cpu.MASK_HEAD),
     }
+
+
+def compare_library_fusions(components, repeats: int) -> None:
+    """Median ms of every component under each of `LIBRARY_FUSION_CHOICES` (calls interleaved)."""
+    import jax
+
+    from detr_jax import xla_cpu
+
+    print("| component | " + " | ".join(f"{name} ms" for name in LIBRARY_FUSION_CHOICES) + " |")
+    print("|---|" + "---:|" * len(LIBRARY_FUSION_CHOICES))
+    for name, (fn, fn_args, _) in components.items():
+        jitted = {choice: jax.jit(fn) if fusions is None else xla_cpu.jit(fn, fusions)
+                  for choice, fusions in LIBRARY_FUSION_CHOICES.items()}
+        times: dict = {choice: [] for choice in jitted}
+        for _ in range(repeats + 1):                      # the first round compiles and warms up
+            for choice, f in jitted.items():
+                start = time.perf_counter()
+                jax.block_until_ready(f(*fn_args))
+                times[choice].append(time.perf_counter() - start)
+        print(f"| {name} | " + " | ".join(f"{1e3 * float(np.median(t[1:])):.0f}" for t in times.values()) + " |",
+              flush=True)
 
 
 def main() -> None:
@@ -87,6 +127,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPUs to use (0: all usable)")
     parser.add_argument("--mask-queries", type=int, default=32, help="0: all 100")
     parser.add_argument("--size", default="800x1066")
+    parser.add_argument("--compare-library-fusions", action="store_true",
+                        help="time each component under each choice of XLA:CPU's YNNPACK fusions")
     args = parser.parse_args()
     threads = common.limit_threads(args.threads or None)
 
@@ -104,14 +146,23 @@ def main() -> None:
     h, w = (int(v) for v in args.size.split("x"))
     x = np.random.default_rng(0).standard_normal((1, h, w, 3)).astype(np.float32)
     mask = np.ones((1, h, w), bool)
+    from detr_jax import xla_cpu
+
+    components = component_functions(config, variables, x, mask, args.mask_queries or None)
+    m = common.machine()
+    if args.compare_library_fusions:
+        print(f"machine: {m['cpu']}, {threads} threads, load {m['load_avg_1m']:.1f}, jax {m['jax']}; weights {weights}")
+        print(f"command: python {' '.join(sys.argv)}")
+        compare_library_fusions(components, args.repeats)
+        return
     peak = common.matmul_peak_gflops("jax")
     rows = []
-    for name, (fn, fn_args) in component_functions(config, variables, x, mask, args.mask_queries or None).items():
+    for name, (fn, fn_args, fusions) in components.items():
+        fn = xla_cpu.jit(fn, fusions)
         timing = common.time_calls(lambda: jax.block_until_ready(fn(*fn_args)), args.repeats)
         rows.append((name, timing["median_s"], common.executed_gflops(fn, *fn_args)))
         print(f"{name}: {timing['median_s'] * 1e3:.0f} ms", file=sys.stderr, flush=True)
     total = sum(r[1] for r in rows)
-    m = common.machine()
     print(f"machine: {m['cpu']}, {threads} threads, load {m['load_avg_1m']:.1f}, jax {m['jax']}; weights {weights}; "
           f"float32 matmul peak {peak:.0f} GFLOP/s (2048^3, same run)")
     print(f"command: python {' '.join(sys.argv)}")

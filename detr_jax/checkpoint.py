@@ -18,7 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from detr_jax import xla_cpu
 from detr_jax.config import ModelConfig
+from detr_jax.models.detr import select_mask_queries
 
 FORMAT_VERSION = 1
 
@@ -76,10 +78,22 @@ def queries_over_threshold(logits: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def _masks_of_queries(config: ModelConfig, params, mask_inputs, indices):
-    """[B, Q, H/4, W/4] mask logits: those of `indices` [B, K], `MASK_FILL` for the others."""
+    """[B, Q, H/4, W/4] mask logits: those of `indices` int [B, K], `MASK_FILL` for the others;
+    `indices=None`: every query's, in order.  One image after the other (`lax.map`) for B > 1."""
     from detr_jax.models.detr import fill_skipped_masks, mask_logits
 
-    return fill_skipped_masks(mask_logits(config, params, mask_inputs, indices), indices, config.num_queries)
+    def one_image(inputs, image_indices):
+        if image_indices is None:
+            every = jnp.broadcast_to(jnp.arange(config.num_queries, dtype=jnp.int32), inputs["queries"].shape[:2])
+            return mask_logits(config, params, inputs, every)
+        return fill_skipped_masks(mask_logits(config, params, inputs, image_indices), image_indices,
+                                  config.num_queries)
+
+    if mask_inputs["queries"].shape[0] == 1:
+        return one_image(mask_inputs, indices)
+    first = lambda t: t[None]  # noqa: E731
+    masks = jax.lax.map(lambda args: one_image(*jax.tree_util.tree_map(first, args)), (mask_inputs, indices))
+    return masks.reshape(masks.shape[0], *masks.shape[2:])
 
 
 @functools.lru_cache(maxsize=None)
@@ -137,6 +151,7 @@ class DETRModel:
     `detr_jax.models.detr`.  The jitted function is compiled once per input shape and reused;
     the compiler's freed memory is given back to the OS after each compilation.  A batch runs one
     image after the other inside that program (same outputs, a single image's activations live).
+    On the CPU the programs get `detr_jax.xla_cpu`'s compiler options (measured per program).
     """
 
     def __init__(self, config: ModelConfig, variables: Dict[str, Any]):
@@ -145,11 +160,12 @@ class DETRModel:
         self.config = config
         self.variables = variables
         self.module = DETR(config)
-        self._apply = jax.jit(functools.partial(_image_by_image, self.module.apply),
-                              static_argnames=("train", "padding_invariant", "mask_queries"))
-        self._apply_capture = jax.jit(functools.partial(self.module.apply, mutable=["intermediates"]),
-                                      static_argnames=("train", "padding_invariant"))
-        self._masks_of = jax.jit(functools.partial(_masks_of_queries, config))
+        self._apply = xla_cpu.jit(functools.partial(_image_by_image, self.module.apply), xla_cpu.MODEL,
+                                  static_argnames=("train", "padding_invariant", "mask_queries"))
+        self._apply_capture = xla_cpu.jit(functools.partial(self.module.apply, mutable=["intermediates"]),
+                                          xla_cpu.MODEL, static_argnames=("train", "padding_invariant"))
+        self._masks_of = xla_cpu.jit(functools.partial(_masks_of_queries, config), xla_cpu.MASK_HEAD)
+        self._select_queries = jax.jit(select_mask_queries, static_argnames=("k",))
 
     def __call__(self, pixel_values, pixel_mask, *, padding_invariant: bool = True,
                  mask_queries: Optional[int] = None, mask_threshold: Optional[float] = None) -> Dict[str, Any]:
@@ -158,20 +174,31 @@ class DETRModel:
         `mask_threshold=t` (panoptic models): the mask head runs only on the queries whose best
         real-class probability exceeds `t` in some image of the batch, their count rounded up to a
         multiple of `MASK_QUERY_MULTIPLE` (one compile per count); the other queries' masks are
-        `MASK_FILL`.  Exact for every post-processor that keeps queries by a score above `t`: two
-        calls, the model without the mask head, then the mask head on the chosen queries.
+        `MASK_FILL`.  Exact for every post-processor that keeps queries by a score above `t`.
+
+        A panoptic model runs as two programs, whichever queries get masks: the model with the
+        per-image part of the mask head (`mask_queries=0`), then the per-query part of the mask
+        head on the chosen queries (its own XLA:CPU options, `detr_jax.xla_cpu.MASK_HEAD`).  So a
+        query's mask is computed by the same program whether all, the K best or the queries over a
+        threshold get masks.  `mask_queries=0` returns the first program's outputs (`mask_inputs`).
         """
         pixel_values, pixel_mask = jnp.asarray(pixel_values), jnp.asarray(pixel_mask, bool)
         run = _call_releasing_compiler_memory
-        if mask_threshold is None or not self.config.masks:
+        if not self.config.masks or (mask_queries == 0 and mask_threshold is None):
             return run(self._apply, self.variables, pixel_values, pixel_mask,
                        padding_invariant=padding_invariant, mask_queries=mask_queries)
         out = dict(run(self._apply, self.variables, pixel_values, pixel_mask, padding_invariant=padding_invariant,
                        mask_queries=0))
         inputs = out.pop("mask_inputs")
-        indices = queries_over_threshold(np.asarray(out["pred_logits"]), mask_threshold)
-        out["pred_masks"] = run(self._masks_of, self.variables["params"], inputs, jnp.asarray(indices))
-        out["mask_query_indices"] = indices
+        indices = None
+        if mask_threshold is not None:
+            indices = queries_over_threshold(np.asarray(out["pred_logits"]), mask_threshold)
+        elif mask_queries is not None and mask_queries < self.config.num_queries:
+            indices, out["mask_score_cutoff"] = self._select_queries(out["pred_logits"], k=mask_queries)
+        out["pred_masks"] = run(self._masks_of, self.variables["params"], inputs,
+                                None if indices is None else jnp.asarray(indices))
+        if indices is not None:
+            out["mask_query_indices"] = indices
         return out
 
     def with_intermediates(self, pixel_values, pixel_mask, *, padding_invariant: bool = True):

@@ -187,9 +187,19 @@ def test_a_batch_runs_image_by_image_with_the_batch_outputs(tiny_model, padding_
     assert jax.tree_util.tree_structure(one_by_one) == jax.tree_util.tree_structure(batch)
     for got, want in zip(jax.tree_util.tree_leaves(one_by_one), jax.tree_util.tree_leaves(batch)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    jaxpr = str(jax.make_jaxpr(lambda a, b: tiny_model._apply(tiny_model.variables, a, b))(x, mask))
+    jaxpr = str(tiny_model._apply.trace(tiny_model.variables, x, mask).jaxpr)
     assert "scan" in jaxpr         # one image at a time (lax.map), not the batch at once
     assert "scan" not in str(jax.make_jaxpr(lambda a, b: tiny_model.module.apply(tiny_model.variables, a, b))(x, mask))
+
+
+def test_a_query_mask_is_the_same_whichever_queries_get_masks(tiny_model):
+    """All queries, the K best or those over a threshold: the per-query mask head is one program."""
+    x, mask = random_images([(64, 80), (50, 70)], (64, 96), seed=3)
+    every = np.asarray(tiny_model(x, mask)["pred_masks"])
+    for out in (tiny_model(x, mask, mask_queries=5), tiny_model(x, mask, mask_threshold=0.0)):
+        chosen = np.asarray(out["mask_query_indices"])[:, :, None, None]
+        np.testing.assert_array_equal(np.take_along_axis(np.asarray(out["pred_masks"]), chosen, 1),
+                                      np.take_along_axis(every, chosen, 1))
 
 
 def test_compiler_memory_is_released_after_each_compilation_only(tiny_model, monkeypatch):
@@ -198,10 +208,11 @@ def test_compiler_memory_is_released_after_each_compilation_only(tiny_model, mon
     releases = []
     monkeypatch.setattr(checkpoint, "release_host_memory", lambda: releases.append(1))
     x, mask = random_images([(32, 96)], (32, 96))
+    assert tiny_model.config.masks
+    tiny_model(x, mask)                         # two programs: the model (per-image mask head), the per-query mask head
     tiny_model(x, mask)
-    tiny_model(x, mask)
-    assert len(releases) == 1
-    tiny_model(x, mask, mask_threshold=0.0)     # two new programs: the model without masks, the mask head
+    assert len(releases) == 2
+    tiny_model(x, mask, mask_threshold=0.0)     # one new program: the per-query mask head on [B, K] chosen queries
     tiny_model(x, mask, mask_threshold=0.0)
     assert len(releases) == 3
     monkeypatch.undo()

@@ -1,0 +1,58 @@
+"""XLA:CPU compiler options for DETR's programs, chosen by measurement on DETR's own shapes.
+
+XLA:CPU hands convolutions, dots and reductions to YNNPACK ("library fusions",
+`xla_cpu_experimental_ynn_fusion_type`) by default.  For DETR at 800x1066 on 2 cores that is
+slower for every convolution and for the mask head's reductions (GroupNorm), and faster for the
+encoder's reductions (softmax, LayerNorm).  Each component compiled alone with each choice,
+median ms (`python bench/profile_forward.py --compare-library-fusions`, numbers in BENCHMARKS.md):
+
+    YNNPACK fusions       backbone   encoder   mask head (24 queries)
+    default (+conv)           1365      1150      1303
+    dot + reduce              1323      1113       966
+    dot                       1328      1356       800
+    none                      1279      1367       834
+
+So the model's program keeps YNNPACK's dots and reductions (`MODEL`), and the mask head's
+per-query program, all small-channel convolutions and GroupNorms, keeps only its dots
+(`MASK_HEAD`).  The results are those of the same float32 arithmetic with another summation
+order (the fidelity tests pass unchanged).  Nothing is changed when the backend is not the CPU,
+when `XLA_FLAGS` already sets `--xla_cpu_experimental_ynn_fusion_type`, or when the installed
+XLA does not know the option (it is experimental): those programs compile with XLA's defaults.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Dict, Optional
+
+import jax
+
+LIBRARY_FUSIONS_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+MODEL = ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT", "LIBRARY_FUSION_TYPE_REDUCE")
+MASK_HEAD = ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",)
+
+
+def jit(fn, library_fusions, **jit_kwargs):
+    """`jax.jit(fn, **jit_kwargs)` whose CPU programs get `compiler_options(library_fusions)`."""
+    options = compiler_options(library_fusions)
+    return jax.jit(fn, **jit_kwargs) if options is None else jax.jit(fn, compiler_options=options, **jit_kwargs)
+
+
+def compiler_options(library_fusions) -> Optional[Dict[str, str]]:
+    """`jax.jit(..., compiler_options=...)` that give a CPU program exactly the YNNPACK fusions
+    `library_fusions` (e.g. `MODEL`); None (XLA's defaults) off the CPU, when XLA_FLAGS sets the
+    option, or when this JAX / XLA rejects it."""
+    if jax.default_backend() != "cpu" or LIBRARY_FUSIONS_OPTION in os.environ.get("XLA_FLAGS", ""):
+        return None
+    options = ((LIBRARY_FUSIONS_OPTION, ",".join(library_fusions)),)
+    return dict(options) if _accepted(options) else None
+
+
+@functools.lru_cache(maxsize=None)
+def _accepted(options) -> bool:
+    """Whether XLA compiles a trivial program with `options` (a tuple of (name, value))."""
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(jax.numpy.zeros(2)).compile()
+    except Exception:   # noqa: BLE001 - an unknown option or value (XLA's own error types); a JAX without the argument
+        return False
+    return True
