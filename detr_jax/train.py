@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from detr_jax import checkpoint, optim
+from detr_jax import checkpoint, optim, xla_cpu
 from detr_jax.config import Config, LossConfig, ModelConfig, to_json
 from detr_jax.data.loader import Loader
 from detr_jax.data.transforms import TrainTransform
@@ -123,9 +123,11 @@ def make_parallel_train_step(train_step: Callable) -> Callable:
     """The data-parallel step: pmap over `AXIS` (every device of every host), state donated.
 
     Arguments and results carry a leading axis of the local device count: the state and rng
-    replicated (`replicate`), the batch split (`shard_batch`).
+    replicated (`replicate`), the batch split (`shard_batch`).  On the CPU the step is compiled
+    with `detr_jax.xla_cpu.TRAIN_STEP`'s options, once per batch signature.
     """
-    return jax.pmap(train_step, axis_name=AXIS, donate_argnums=(0,))
+    return xla_cpu.compiled_per_signature(jax.pmap(train_step, axis_name=AXIS, donate_argnums=(0,)),
+                                          xla_cpu.TRAIN_STEP)
 
 
 def replicate(tree: Any) -> Any:

@@ -70,3 +70,23 @@ def test_options_this_xla_rejects_are_left_out():
     assert not xla_cpu._accepted(((xla_cpu.LIBRARY_FUSIONS_OPTION, "LIBRARY_FUSION_TYPE_NO_SUCH_THING"),))
     assert not xla_cpu._accepted((("xla_cpu_no_such_option", "true"),))
     assert xla_cpu.compiler_options(("LIBRARY_FUSION_TYPE_NO_SUCH_THING",)) is None
+
+
+def test_a_pmap_is_compiled_with_the_options_once_per_signature(conv_inputs):
+    """`jax.pmap` takes no compiler options: the train step is compiled through lower/compile."""
+    x, k = (t[None] for t in conv_inputs)
+    plain = jax.pmap(_small_conv_with_group_norm)
+    step = xla_cpu.compiled_per_signature(jax.pmap(_small_conv_with_group_norm), xla_cpu.TRAIN_STEP)
+    np.testing.assert_allclose(step(x, k), plain(x, k), rtol=0, atol=2e-6 * float(np.abs(plain(x, k)).max()))
+    step(x + 1, k)
+    assert len(step.programs) == 1
+    step(x[:, :1], k)
+    assert len(step.programs) == 2
+    for program in step.programs.values():
+        assert '"__ynn_fusion"' not in program.as_text()          # TRAIN_STEP: dots only, and there are none
+
+
+def test_without_options_the_transformed_function_is_returned_as_is(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", f"--{xla_cpu.LIBRARY_FUSIONS_OPTION}=")
+    step = jax.pmap(lambda a: a + 1)
+    assert xla_cpu.compiled_per_signature(step, xla_cpu.TRAIN_STEP) is step
