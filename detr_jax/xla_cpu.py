@@ -4,7 +4,8 @@ XLA:CPU hands convolutions, dots and reductions to YNNPACK ("library fusions",
 `xla_cpu_experimental_ynn_fusion_type`) by default.  For DETR at 800x1066 on 2 cores that is
 slower for every convolution and for the mask head's reductions (GroupNorm), and faster for the
 encoder's reductions (softmax, LayerNorm).  Each component compiled alone with each choice,
-median ms (`python bench/profile_forward.py --compare-library-fusions`, numbers in BENCHMARKS.md):
+median ms, calls interleaved (`python bench/profile_forward.py --compare-library-fusions` repeats
+the comparison; BENCHMARKS.md, session 7, has the runs and their noise):
 
     YNNPACK fusions       backbone   encoder   mask head (24 queries)
     default (+conv)           1365      1150      1303
