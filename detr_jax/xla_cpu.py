@@ -18,10 +18,10 @@ per-query program, all small-channel convolutions and GroupNorms, keeps only its
 (`MASK_HEAD`).  The train step (forward and backward, R50-DC5 panoptic, 2 x 512x683) keeps only
 its dots too (`TRAIN_STEP`): 19.05 s with XLA's default, 15.17 s with dot + reduce, 14.85 s with
 dot (`python bench/bench_train_step.py --cases b2_512x683 --repeats 2 --box-bucket 16 --no-torch`,
-the options set through XLA_FLAGS).  The results are those of the same float32 arithmetic with another summation
-order (the fidelity tests pass unchanged).  Nothing is changed when the backend is not the CPU,
-when `XLA_FLAGS` already sets `--xla_cpu_experimental_ynn_fusion_type`, or when the installed
-XLA does not know the option (it is experimental): those programs compile with XLA's defaults.
+the options set through XLA_FLAGS).  The results are those of the same float32 arithmetic with
+another summation order (the fidelity tests pass unchanged).  Nothing is changed when the backend
+is not the CPU, when `XLA_FLAGS` already sets `--xla_cpu_experimental_ynn_fusion_type`, or when
+the installed XLA does not know the option (it is experimental): then XLA's defaults apply.
 """
 from __future__ import annotations
 
