@@ -27,6 +27,14 @@ FIXTURE_SIDES = dict(short_side=320, max_size=533)   # the fixtures' resize
 PHOTOS = FIXTURE_DIR / "photos"
 
 
+def fixture_photos(*names):
+    """Paths of the fixture photos `names` (only the full fixture folder has them); skip if absent."""
+    paths = [PHOTOS / f"{name}.png" for name in names]
+    if not all(p.exists() for p in paths):
+        pytest.skip(f"the fixture photos {list(names)} are not in {PHOTOS} (set DETR_REFERENCE_DIR)")
+    return paths
+
+
 # ----------------------------------------------------------------------------------------------
 # Helpers and fixtures
 
@@ -263,8 +271,7 @@ def original_fields(segments):
 def test_chain_reproduces_the_original_postprocessing_exactly_given_its_outputs():
     """photo file -> load, resize, normalize, pad into the 384 x 512 bucket -> (the original's
     outputs) -> Predictor post-processing = the original's PostProcess / PostProcessPanoptic."""
-    if not (PHOTOS / "chelsea.png").exists():
-        pytest.skip(f"the fixture photos are not in {PHOTOS}")
+    fixture_photos("chelsea")
     ref, summary = chelsea_reference()
     model = OriginalOutputs()
     (r,) = Predictor(model, threshold=0.0, **FIXTURE_SIDES).predict([PHOTOS / "chelsea.png"])
@@ -280,7 +287,7 @@ def test_chain_reproduces_the_original_postprocessing_exactly_given_its_outputs(
 
 @pytest.fixture(scope="module")
 def chelsea_alone(reference_model):
-    return Predictor(reference_model, threshold=0.0, **FIXTURE_SIDES).predict([PHOTOS / "chelsea.png"])[0]
+    return Predictor(reference_model, threshold=0.0, **FIXTURE_SIDES).predict(fixture_photos("chelsea"))[0]
 
 
 @pytest.mark.slow
@@ -322,7 +329,7 @@ def test_padding_and_batch_mates_do_not_change_the_results(reference_model, chel
     in another order for another shape: logits ~1e-4 of ~100, mask logits ~3e-5), so the maps
     agree except on pixels where two queries' mask logits are that close (measured >= 99.97 %,
     see bench/bench_predict.py padding)."""
-    photos = [PHOTOS / "chelsea.png", PHOTOS / "coffee.png"]
+    photos = fixture_photos("chelsea", "coffee")
     unpadded = Predictor(reference_model, threshold=0.0, bucket_multiple=None, **FIXTURE_SIDES).predict(photos[:1])
     bucket = [chelsea_alone, Predictor(reference_model, threshold=0.0, **FIXTURE_SIDES).predict(photos[1:])[0]]
     predictor = Predictor(reference_model, batch_size=2, threshold=0.0, **FIXTURE_SIDES)
