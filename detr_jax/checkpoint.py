@@ -20,7 +20,6 @@ import numpy as np
 
 from detr_jax import xla_cpu
 from detr_jax.config import ModelConfig
-from detr_jax.models.detr import select_mask_queries
 
 FORMAT_VERSION = 1
 
@@ -89,11 +88,7 @@ def _masks_of_queries(config: ModelConfig, params, mask_inputs, indices):
         return fill_skipped_masks(mask_logits(config, params, inputs, image_indices), image_indices,
                                   config.num_queries)
 
-    if mask_inputs["queries"].shape[0] == 1:
-        return one_image(mask_inputs, indices)
-    first = lambda t: t[None]  # noqa: E731
-    masks = jax.lax.map(lambda args: one_image(*jax.tree_util.tree_map(first, args)), (mask_inputs, indices))
-    return masks.reshape(masks.shape[0], *masks.shape[2:])
+    return _one_image_at_a_time(one_image, mask_inputs, indices)
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,17 +124,22 @@ def _call_releasing_compiler_memory(fn, *args, **kwargs):
     return out
 
 
+def _one_image_at_a_time(fn, *batched):
+    """`fn(*batched)` for pytrees of arrays that lead with the batch axis, run one image at a time
+    inside one program (`lax.map`), outputs stacked as the batch's; a batch of one runs directly."""
+    if jax.tree_util.tree_leaves(batched)[0].shape[0] == 1:
+        return fn(*batched)
+    out = jax.lax.map(lambda one: fn(*jax.tree_util.tree_map(lambda t: t[None], one)), batched)
+    return jax.tree_util.tree_map(lambda t: t.reshape(t.shape[0], *t.shape[2:]), out)
+
+
 def _image_by_image(apply, variables, pixel_values, pixel_mask, **kwargs):
     """`apply(variables, pixel_values, pixel_mask, **kwargs)` one image at a time inside one program
-    (`lax.map`), outputs stacked as the batch's.  The same outputs: DETR's images never interact
-    (frozen batch norm, attention within an image), in either padding semantics.  The activations
-    of one image are live instead of the batch's (R50 at 800x1066: five [200x267, 256] layer1
-    maps, 55 MB each per image).  A batch of one runs directly."""
-    if pixel_values.shape[0] == 1:
-        return apply(variables, pixel_values, pixel_mask, **kwargs)
-    out = jax.lax.map(lambda image: apply(variables, image[0][None], image[1][None], **kwargs),
-                      (pixel_values, pixel_mask))
-    return jax.tree_util.tree_map(lambda t: t.reshape(t.shape[0], *t.shape[2:]), out)
+    (`_one_image_at_a_time`).  The same outputs: DETR's images never interact (frozen batch norm,
+    attention within an image), in either padding semantics.  The activations of one image are
+    live instead of the batch's (R50 at 800x1066: five [200x267, 256] layer1 maps, 55 MB each per
+    image)."""
+    return _one_image_at_a_time(lambda x, mask: apply(variables, x, mask, **kwargs), pixel_values, pixel_mask)
 
 
 class DETRModel:
@@ -156,6 +156,7 @@ class DETRModel:
 
     def __init__(self, config: ModelConfig, variables: Dict[str, Any]):
         from detr_jax.models import DETR
+        from detr_jax.models.detr import select_mask_queries
 
         self.config = config
         self.variables = variables
