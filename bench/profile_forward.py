@@ -30,12 +30,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-LIBRARY_FUSION_CHOICES = {    # --compare-library-fusions: name -> YNNPACK fusions (None: XLA's default)
-    "XLA default": None,
-    "dot + reduce": ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT", "LIBRARY_FUSION_TYPE_REDUCE"),
-    "dot": ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",),
-    "none": (),
-}
+def library_fusion_choices():
+    """--compare-library-fusions: name -> YNNPACK fusions (None: XLA's default)."""
+    from detr_jax.xla_cpu import DOT, REDUCE
+
+    return {"XLA default": None, "dot + reduce": (DOT, REDUCE), "dot": (DOT,), "none": ()}
 
 
 def component_functions(config, variables, x, mask, mask_queries):
@@ -44,6 +43,7 @@ def component_functions(config, variables, x, mask, mask_queries):
     import jax
     import jax.numpy as jnp
 
+    from detr_jax import xla_cpu
     from detr_jax.models.backbone import ResNet
     from detr_jax.models.detr import DETR, select_mask_queries
     from detr_jax.models.layers import image_sizes_from_mask
@@ -73,8 +73,6 @@ def component_functions(config, variables, x, mask, mask_queries):
         return Decoder(config.dec_layers, *args).apply({"params": params["transformer"]["decoder"]},
                                                        jnp.zeros_like(query_pos), memory, valid, pos, query_pos)
 
-    from detr_jax import xla_cpu
-
     features = [inter[f"backbone_layer{i}"] for i in (1, 2, 3, 4)]
     _, feature_sizes = jax.jit(backbone)(x, sizes)
 
@@ -101,16 +99,17 @@ def component_functions(config, variables, x, mask, mask_queries):
 
 
 def compare_library_fusions(components, repeats: int) -> None:
-    """Median ms of every component under each of `LIBRARY_FUSION_CHOICES` (calls interleaved)."""
+    """Median ms of every component under each of `library_fusion_choices()` (calls interleaved)."""
     import jax
 
     from detr_jax import xla_cpu
 
-    print("| component | " + " | ".join(f"{name} ms" for name in LIBRARY_FUSION_CHOICES) + " |")
-    print("|---|" + "---:|" * len(LIBRARY_FUSION_CHOICES))
+    choices = library_fusion_choices()
+    print("| component | " + " | ".join(f"{name} ms" for name in choices) + " |")
+    print("|---|" + "---:|" * len(choices))
     for name, (fn, fn_args, _) in components.items():
         jitted = {choice: jax.jit(fn) if fusions is None else xla_cpu.jit(fn, fusions)
-                  for choice, fusions in LIBRARY_FUSION_CHOICES.items()}
+                  for choice, fusions in choices.items()}
         times: dict = {choice: [] for choice in jitted}
         for _ in range(repeats + 1):                      # the first round compiles and warms up
             for choice, f in jitted.items():

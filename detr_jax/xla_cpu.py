@@ -33,9 +33,11 @@ import jax
 import numpy as np
 
 LIBRARY_FUSIONS_OPTION = "xla_cpu_experimental_ynn_fusion_type"
-MODEL = ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT", "LIBRARY_FUSION_TYPE_REDUCE")
-MASK_HEAD = ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",)
-TRAIN_STEP = ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",)
+DOT, REDUCE, CONVOLUTION = (f"LIBRARY_FUSION_TYPE_{kind}" for kind in ("INDIVIDUAL_DOT", "REDUCE",
+                                                                      "INDIVIDUAL_CONVOLUTION"))
+MODEL = (DOT, REDUCE)
+MASK_HEAD = (DOT,)
+TRAIN_STEP = (DOT,)
 
 
 def jit(fn, library_fusions, **jit_kwargs):
