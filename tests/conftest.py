@@ -29,6 +29,17 @@ def reference_path(name: str) -> pathlib.Path:
                 f"nor in {TEST_DATA}")
 
 
+PHOTOS = FIXTURE_DIR / "photos"
+
+
+def fixture_photos(*names: str):
+    """Paths of the fixture photos `names` (only the full fixture folder has them); skip if absent."""
+    paths = [PHOTOS / f"{name}.png" for name in names]
+    if not all(p.exists() for p in paths):
+        pytest.skip(f"the fixture photos {list(names)} are not in {PHOTOS} (set DETR_REFERENCE_DIR)")
+    return paths
+
+
 def reference_arrays(name: str, keys: Optional[Iterable[str]] = None) -> Dict[str, np.ndarray]:
     """Arrays of a fixture `.npz`; skips if a requested key is only in the full fixture folder."""
     path = reference_path(name)

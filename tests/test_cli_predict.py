@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FIXTURE_DIR
+from conftest import PHOTOS, fixture_photos
 from detr_jax import cli
 from detr_jax.postprocess import png_to_ids
 from test_predict import SIDES, random_photo, write_bad_images
 
-PHOTOS = FIXTURE_DIR / "photos"
 NAMES = ("astronaut", "chelsea", "coffee", "motorcycle_left")
 
 
@@ -49,8 +48,7 @@ def check_image_outputs(out, stem, panoptic=True):
 
 @pytest.fixture(scope="module")
 def fixture_run(converted_dir, tmp_path_factory):
-    if not all((PHOTOS / f"{n}.png").exists() for n in NAMES):
-        pytest.skip(f"the fixture photos are not in {PHOTOS}")
+    fixture_photos(*NAMES)
     out = tmp_path_factory.mktemp("predict_out")
     code = cli.main(["predict", str(converted_dir), str(PHOTOS), "--out", str(out), "--batch-size", "2",
                      *sides(320, 533)])

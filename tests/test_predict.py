@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FIXTURE_DIR, reference_arrays, reference_path
+from conftest import PHOTOS, fixture_photos, reference_arrays, reference_path
 from detr_jax.config import ModelConfig, load_config
 from detr_jax.data.preprocess import bucket_shape, normalize, pad_batch, resize_for_eval
 from detr_jax.labels import label_name
@@ -24,15 +24,6 @@ from detr_jax.predict import Predictor, image_ids, list_images, output_stems
 TINY = load_config("detr_tiny")
 SIDES = dict(short_side=TINY.data.short_side, max_size=TINY.data.max_size, bucket_multiple=TINY.data.bucket_multiple)
 FIXTURE_SIDES = dict(short_side=320, max_size=533)   # the fixtures' resize
-PHOTOS = FIXTURE_DIR / "photos"
-
-
-def fixture_photos(*names):
-    """Paths of the fixture photos `names` (only the full fixture folder has them); skip if absent."""
-    paths = [PHOTOS / f"{name}.png" for name in names]
-    if not all(p.exists() for p in paths):
-        pytest.skip(f"the fixture photos {list(names)} are not in {PHOTOS} (set DETR_REFERENCE_DIR)")
-    return paths
 
 
 # ----------------------------------------------------------------------------------------------
