@@ -7,6 +7,7 @@ Names mirror PyTorch (`encoder/layers_0/self_attn/q_proj`, `linear1`, `norm1`, `
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional, Tuple
 
 import flax.linen as nn
@@ -43,8 +44,21 @@ def attention_core(q, k, v, key_valid=None, *, dropout: float = 0.0, rng=None,
     live, at inference (R50-DC5 at 800x1066, one encoder layer's core: 274 ms as one block in the
     original layout, 154 ms now) and in training (the backward pass recomputes a block's weights
     instead of storing [B, H, Nq, Nk] weights and dropout masks per layer).  Dropout then draws
-    per block (a key of its own per block).
+    per block (a key of its own per block).  When every key is valid (an unpadded image), the
+    blocked core skips the masking select (`lax.cond`): ~10 ms of an encoder layer's ~150 ms at
+    800x1066, the same values.
     """
+    blocked = query_chunk is not None and q.shape[1] > 2 * query_chunk
+    core = functools.partial(_attention_core, dropout=dropout, rng=rng, query_chunk=query_chunk if blocked else None,
+                             dtype=dtype)
+    if blocked and key_valid is not None:     # an unpadded image: no masking pass
+        return jax.lax.cond(jnp.all(key_valid), lambda q, k, v, _: core(q, k, v), core, q, k, v, key_valid)
+    return core(q, k, v, key_valid)
+
+
+def _attention_core(q, k, v, key_valid=None, *, dropout: float, rng, query_chunk: Optional[int], dtype: Any):
+    """`attention_core`, the query blocks of `query_chunk` (None: one block) always masked by
+    `key_valid` when given."""
     heads_first = lambda t: jnp.swapaxes(t, 1, 2)  # noqa: E731
     k, v = heads_first(k), heads_first(v)
 
@@ -63,7 +77,7 @@ def attention_core(q, k, v, key_valid=None, *, dropout: float = 0.0, rng=None,
 
     b, nq = q.shape[:2]
     q = heads_first(q)
-    if query_chunk is None or nq <= 2 * query_chunk:
+    if query_chunk is None:
         return heads_first(block(q, rng))
     blocks, size = query_blocks(nq, query_chunk)
     padded = jnp.pad(q, ((0, 0), (0, 0), (0, blocks * size - nq), (0, 0)))

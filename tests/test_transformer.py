@@ -1,0 +1,59 @@
+"""The attention core: blocks of queries, key masks and the unpadded shortcut compute softmax(q k^T) v."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from detr_jax.models.transformer import attention_core
+
+
+def reference_attention(q, k, v, key_valid):
+    """float64 softmax(q k^T) v per head, invalid keys left out.  q [B, Nq, H, D], k/v [B, Nk, H, D]."""
+    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k)
+    logits = np.where(key_valid[:, None, None, :], logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def random_qkv(n=600, heads=2, d=8, batch=2, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((batch, n, heads, d)).astype(np.float32) for _ in range(3)]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_blocked_attention_is_softmax_attention(padded):
+    q, k, v = random_qkv()                         # 600 queries: 5 blocks of 120
+    key_valid = np.ones((2, 600), bool)
+    if padded:
+        key_valid[1, 450:] = False                 # the second image's last keys are padding
+        k[1, 450:] += 50.0                         # large logits there must not matter
+    out = jax.jit(lambda *a: attention_core(*a, query_chunk=128))(q, k, v, key_valid)
+    np.testing.assert_allclose(out, reference_attention(q, k, v, key_valid), atol=2e-6)
+
+
+def test_an_unpadded_batch_skips_the_key_mask_with_the_same_values():
+    q, k, v = random_qkv()
+    every = np.ones((2, 600), bool)
+    core = jax.jit(lambda *a: attention_core(*a, query_chunk=128))
+    np.testing.assert_array_equal(core(q, k, v, every), core(q, k, v, None))
+    assert "cond" in str(jax.make_jaxpr(lambda *a: attention_core(*a, query_chunk=128))(q, k, v, every))
+    one_padded = every.copy()
+    one_padded[0, -1] = False
+    assert not np.array_equal(core(q, k, v, one_padded), core(q, k, v, None))
+
+
+def test_blocked_attention_gradients_equal_one_block():
+    q, k, v = random_qkv(n=300, batch=1)
+    key_valid = np.ones((1, 300), bool)
+    key_valid[0, 280:] = False
+
+    def loss(query_chunk):
+        return lambda q, k, v: jnp.sum(jnp.sin(attention_core(q, k, v, key_valid, query_chunk=query_chunk)))
+
+    blocked = jax.grad(loss(64), argnums=(0, 1, 2))(q, k, v)
+    whole = jax.grad(loss(None), argnums=(0, 1, 2))(q, k, v)
+    for b, w in zip(blocked, whole):
+        np.testing.assert_allclose(b, w, rtol=1e-5, atol=2e-6)
+    assert np.abs(np.asarray(whole[1])[0, 280:]).max() == 0     # padded keys get no gradient
