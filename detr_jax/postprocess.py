@@ -314,22 +314,39 @@ def _softmax_argmax(masks: np.ndarray, picked=None) -> np.ndarray:
     if k == 1:
         return np.zeros((h, w), np.int64)
     best, near = picked if picked is not None else _argmax_and_near_ties(np, masks)
+    return _replay_near_ties(best, near, lambda pixels: x[:, pixels])
+
+
+def _replay_near_ties(best, near, logits_at: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """`best` [h, w] (the plain argmax) with its `near` [h, w] pixels redone as torch's softmax
+    argmax, from `logits_at(flat pixel indices)` -> [K, n] -> int64 [h, w]."""
+    h, w = best.shape
     best, near = np.asarray(best, np.int64).reshape(-1), np.flatnonzero(np.asarray(near).reshape(-1))
     if len(near):
-        sub = x[:, near]
+        sub = logits_at(near)
         e = _sleef_expf(sub - sub.max(0))
         best[near] = np.argmax(e * (np.float32(1) / _lane_sum(e)), axis=0)
     return best.reshape(h, w)
 
 
-def _segment_map(masks: np.ndarray, count: int, merge: Sequence[Sequence[int]], orig_hw, picked=None) -> np.ndarray:
-    """Index of the winning kept query per pixel at the original size (0 where none is kept)."""
-    h, w = masks.shape[-2:]
-    m_id = _softmax_argmax(masks, picked) if count else np.zeros((h, w), np.int64)
+@functools.lru_cache(maxsize=64)
+def pil_nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """Source indices of PIL's NEAREST resize along one axis (PIL's own arithmetic: a row of
+    indices resized by PIL itself, in its 32-bit integer mode)."""
+    row = Image.fromarray(np.arange(n_in, dtype=np.int32)[None]).resize((n_out, 1), Image.NEAREST)
+    return np.asarray(row, np.int64)[0]
+
+
+def _segment_map(winner: np.ndarray, merge: Sequence[Sequence[int]], orig_hw) -> np.ndarray:
+    """Index of the winning kept query per pixel (`winner` [h, w]), the stuff queries of one class
+    merged into the first, at the original size: the original's ids -> PNG -> PIL NEAREST resize
+    -> ids, done on the ids with PIL's indices (nearest moves values, it never mixes them)."""
+    m_id = winner.copy()
     for equiv in merge:  # stuff queries of one class all become the first of them
         m_id[np.isin(m_id, equiv)] = equiv[0]
-    png = Image.fromarray(panoptic_to_png(m_id)).resize((int(orig_hw[1]), int(orig_hw[0])), Image.NEAREST)
-    return png_to_ids(np.asarray(png))
+    rows = pil_nearest_indices(m_id.shape[0], int(orig_hw[0]))
+    cols = pil_nearest_indices(m_id.shape[1], int(orig_hw[1]))
+    return m_id[rows[:, None], cols[None, :]]
 
 
 _KEPT_MULTIPLE, _OUT_MULTIPLE = 8, 128   # shape buckets of `_resample` and `_pick`
@@ -351,9 +368,19 @@ def _pick(resized, rows):
     return rows[best], near
 
 
+_NEAR_MULTIPLE = 4096       # `_logits_at` gathers near-tie pixels in multiples of this many
+
+
+@jax.jit
+def _logits_at(resized, rows, cols):
+    """resized [K, h, w] at the pixels (rows [n], cols [n]) -> [K, n]."""
+    return resized[:, rows, cols]
+
+
 class _KeptMasks:
     """The kept masks resampled on the device, in shapes padded to the buckets, with the per-pixel
-    argmax over any subset of them (`pick`); `.resized` is the numpy [K, h, w] crop."""
+    softmax argmax over any subset of them (`softmax_argmax`).  Only the logits of near-tie pixels
+    come back to the host (24 masks at 800x1066 are 99 MB, their near ties a few MB)."""
 
     def __init__(self, masks: np.ndarray, src_hw, size_hw):
         k, self.h, self.w = len(masks), int(size_hw[0]), int(size_hw[1])
@@ -361,7 +388,6 @@ class _KeptMasks:
         padded[:k] = masks
         out_hw = (-(-self.h // _OUT_MULTIPLE) * _OUT_MULTIPLE, -(-self.w // _OUT_MULTIPLE) * _OUT_MULTIPLE)
         self.device = _resample(padded, np.asarray(src_hw, np.int32), np.asarray(size_hw, np.int32), out_hw)
-        self.resized = np.asarray(self.device)[:k, :self.h, :self.w]
 
     def pick(self, subset: np.ndarray):
         """(argmax in 0..len(subset)-1, near ties) [h, w] over the masks `subset` (sorted indices)."""
@@ -370,13 +396,27 @@ class _KeptMasks:
         best, near = jax.device_get(_pick(self.device, rows))
         return best[:self.h, :self.w], near[:self.h, :self.w]
 
+    def logits_at(self, subset: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+        """[len(subset), n] logits of the masks `subset` at `pixels` (flat indices into h x w)."""
+        n = len(pixels)
+        padded = np.zeros(-(-n // _NEAR_MULTIPLE) * _NEAR_MULTIPLE, np.int64)
+        padded[:n] = pixels
+        rows, cols = np.divmod(padded, self.w)
+        return np.asarray(_logits_at(self.device, rows.astype(np.int32), cols.astype(np.int32)))[subset, :n]
+
+    def softmax_argmax(self, subset: np.ndarray) -> np.ndarray:
+        """int64 [h, w]: per pixel the index into `subset` of torch's softmax argmax over those masks."""
+        if len(subset) == 1:
+            return np.zeros((self.h, self.w), np.int64)
+        best, near = self.pick(subset)
+        return _replay_near_ties(best, near, lambda pixels: self.logits_at(subset, pixels))
+
 
 def _panoptic_one(logits, masks, src_hw, size_hw, orig_hw, is_thing, threshold) -> Dict[str, Any]:
     scores, labels = (np.asarray(a) for a in class_scores(jnp.asarray(logits), include_no_object=True))
     kept = np.flatnonzero((labels != logits.shape[-1] - 1) & (scores > threshold))
     h, w = int(size_hw[0]), int(size_hw[1])
     resampled = _KeptMasks(np.asarray(masks)[kept], src_hw, (h, w)) if len(kept) else None
-    masks = resampled.resized if len(kept) else np.zeros((0, h, w), np.float32)
     subset = np.arange(len(kept))
     classes = labels[kept]
     stuff = defaultdict(list)
@@ -384,12 +424,13 @@ def _panoptic_one(logits, masks, src_hw, size_hw, orig_hw, is_thing, threshold) 
         if not is_thing(int(label)):
             stuff[int(label)].append(k)
     merge = [equiv for equiv in stuff.values() if len(equiv) > 1]
-    id_map = _segment_map(masks, len(kept), merge, orig_hw, resampled and resampled.pick(subset))
+    winner = lambda: resampled.softmax_argmax(subset) if len(kept) else np.zeros((h, w), np.int64)  # noqa: E731
+    id_map = _segment_map(winner(), merge, orig_hw)
     area = np.bincount(id_map.ravel(), minlength=len(kept))[:len(kept)]
     while len(kept) and (area <= MIN_SEGMENT_AREA).any():  # drop tiny segments, redo without merging
         big = area > MIN_SEGMENT_AREA
-        kept, classes, masks, subset = kept[big], classes[big], masks[big], subset[big]
-        id_map = _segment_map(masks, len(kept), [], orig_hw, resampled.pick(subset) if len(kept) else None)
+        kept, classes, subset = kept[big], classes[big], subset[big]
+        id_map = _segment_map(winner(), [], orig_hw)
         area = np.bincount(id_map.ravel(), minlength=len(kept))[:len(kept)]
     segments = [{"id": i, "isthing": bool(is_thing(int(c))), "category_id": int(c), "area": int(a)}
                 for i, (c, a) in enumerate(zip(classes, area))]

@@ -142,6 +142,17 @@ def test_nearest_is_torch():
         np.testing.assert_array_equal(pp.resize_nearest(x, out), expected.numpy().astype(bool))
 
 
+@pytest.mark.parametrize("hw, out", [((800, 1066), (600, 800)), ((384, 512), (385, 513)), ((37, 53), (100, 7)),
+                                     ((90, 140), (90, 140))])
+def test_segment_map_resizes_like_the_originals_png_round_trip(hw, out):
+    """ids -> panoptic PNG -> PIL NEAREST resize -> ids (the original) == ids picked by PIL's indices."""
+    winner = np.random.default_rng(4).integers(0, 300, hw)
+    png = Image.fromarray(pp.panoptic_to_png(winner)).resize(out[::-1], Image.NEAREST)
+    np.testing.assert_array_equal(pp._segment_map(winner, [], out), pp.png_to_ids(np.asarray(png)))
+    merged = pp._segment_map(winner, [[3, 7, 9]], out)
+    assert not np.isin(merged, [7, 9]).any() and (merged == 3).sum() > (pp._segment_map(winner, [], out) == 3).sum()
+
+
 def test_softmax_argmax_replays_torch_on_near_ties():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(2)
