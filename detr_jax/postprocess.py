@@ -323,10 +323,14 @@ def _replay_near_ties(best, near, logits_at: Callable[[np.ndarray], np.ndarray])
     h, w = best.shape
     best, near = np.asarray(best, np.int64).reshape(-1), np.flatnonzero(np.asarray(near).reshape(-1))
     if len(near):
-        sub = logits_at(near)
-        e = _sleef_expf(sub - sub.max(0))
-        best[near] = np.argmax(e * (np.float32(1) / _lane_sum(e)), axis=0)
+        best[near] = _torch_softmax_argmax(logits_at(near))
     return best.reshape(h, w)
+
+
+def _torch_softmax_argmax(logits: np.ndarray) -> np.ndarray:
+    """[K, n] -> int64 [n]: argmax over K of torch.softmax(logits, 0), float32 bit for bit."""
+    e = _sleef_expf(logits - logits.max(0))
+    return np.argmax(e * (np.float32(1) / _lane_sum(e)), axis=0)
 
 
 @functools.lru_cache(maxsize=64)
@@ -379,8 +383,10 @@ def _logits_at(resized, rows, cols):
 
 class _KeptMasks:
     """The kept masks resampled on the device, in shapes padded to the buckets, with the per-pixel
-    softmax argmax over any subset of them (`softmax_argmax`).  Only the logits of near-tie pixels
-    come back to the host (24 masks at 800x1066 are 99 MB, their near ties a few MB)."""
+    softmax argmax over any subset of them (`softmax_argmax`), and over fewer of them from that
+    result (`narrowed`: the small-segment loop re-picks only where a dropped mask won or near a
+    tie).  Only the logits of those pixels come back to the host (24 masks at 800x1066 are 99 MB,
+    their near ties a few MB)."""
 
     def __init__(self, masks: np.ndarray, src_hw, size_hw):
         k, self.h, self.w = len(masks), int(size_hw[0]), int(size_hw[1])
@@ -404,12 +410,34 @@ class _KeptMasks:
         rows, cols = np.divmod(padded, self.w)
         return np.asarray(_logits_at(self.device, rows.astype(np.int32), cols.astype(np.int32)))[subset, :n]
 
-    def softmax_argmax(self, subset: np.ndarray) -> np.ndarray:
-        """int64 [h, w]: per pixel the index into `subset` of torch's softmax argmax over those masks."""
+    def softmax_argmax(self, subset: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """(int64 [h, w]: per pixel the index into `subset` of torch's softmax argmax over those
+        masks; bool [h, w]: the pixels where a sub-subset's argmax may not follow from it, for
+        `narrowed`)."""
         if len(subset) == 1:
-            return np.zeros((self.h, self.w), np.int64)
+            return np.zeros((self.h, self.w), np.int64), np.zeros((self.h, self.w), bool)
         best, near = self.pick(subset)
-        return _replay_near_ties(best, near, lambda pixels: self.logits_at(subset, pixels))
+        return _replay_near_ties(best, near, lambda pixels: self.logits_at(subset, pixels)), near
+
+    def narrowed(self, winner: np.ndarray, unsure: np.ndarray, subset: np.ndarray, keep: np.ndarray
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+        """`softmax_argmax(subset[keep])` from `(winner, unsure) = softmax_argmax(subset)` (or a
+        previous `narrowed`), recomputing only the pixels whose winner is left out or that are
+        `unsure`; `keep`: bool [len(subset)].
+
+        Exact: away from `unsure` pixels the runner-up logit is more than the near-tie gap below
+        the winner's, and leaving other masks out only widens that gap, so the winner stays torch's
+        softmax argmax; the other pixels get torch's softmax replayed over the remaining masks."""
+        remaining = subset[keep]
+        if len(remaining) == 1:
+            return np.zeros((self.h, self.w), np.int64), np.zeros((self.h, self.w), bool)
+        new_index = np.where(keep, np.cumsum(keep) - 1, -1)
+        winner = new_index[winner]
+        unsure = unsure | (winner < 0)
+        pixels = np.flatnonzero(unsure)
+        if len(pixels):
+            winner.reshape(-1)[pixels] = _torch_softmax_argmax(self.logits_at(remaining, pixels))
+        return winner, unsure
 
 
 def _panoptic_one(logits, masks, src_hw, size_hw, orig_hw, is_thing, threshold) -> Dict[str, Any]:
@@ -424,13 +452,15 @@ def _panoptic_one(logits, masks, src_hw, size_hw, orig_hw, is_thing, threshold) 
         if not is_thing(int(label)):
             stuff[int(label)].append(k)
     merge = [equiv for equiv in stuff.values() if len(equiv) > 1]
-    winner = lambda: resampled.softmax_argmax(subset) if len(kept) else np.zeros((h, w), np.int64)  # noqa: E731
-    id_map = _segment_map(winner(), merge, orig_hw)
+    winner, unsure = resampled.softmax_argmax(subset) if len(kept) else (np.zeros((h, w), np.int64), None)
+    id_map = _segment_map(winner, merge, orig_hw)
     area = np.bincount(id_map.ravel(), minlength=len(kept))[:len(kept)]
     while len(kept) and (area <= MIN_SEGMENT_AREA).any():  # drop tiny segments, redo without merging
         big = area > MIN_SEGMENT_AREA
+        if big.any():
+            winner, unsure = resampled.narrowed(winner, unsure, subset, big)
         kept, classes, subset = kept[big], classes[big], subset[big]
-        id_map = _segment_map(winner(), [], orig_hw)
+        id_map = _segment_map(winner, [], orig_hw) if len(kept) else np.zeros(tuple(int(v) for v in orig_hw), np.int64)
         area = np.bincount(id_map.ravel(), minlength=len(kept))[:len(kept)]
     segments = [{"id": i, "isthing": bool(is_thing(int(c))), "category_id": int(c), "area": int(a)}
                 for i, (c, a) in enumerate(zip(classes, area))]

@@ -198,6 +198,32 @@ def test_device_pick_is_argmax_over_the_subset_with_ties_to_the_first():
     assert near[:8].any() and not near[8:].all()
 
 
+def test_narrowing_the_kept_masks_equals_torchs_softmax_argmax_over_the_rest():
+    """The small-segment loop's re-pick (`_KeptMasks.narrowed`): only the pixels of dropped
+    winners and near ties are redone, and the map is torch's softmax argmax over the masks left,
+    through two narrowings, with near ties between kept masks and between a dropped and a kept one."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    k, h, w = 12, 40, 56
+    x = rng.normal(0, 0.05, (k, h, w)).astype(np.float32)
+    x[3] = x[7] + rng.integers(-2, 3, (h, w)).astype(np.float32) * np.spacing(np.abs(x[7]))   # 3 and 7: kept, tied
+    x[5, :10] = x.max(0)[:10] + 1.0                                                # 5 wins a band, then is dropped
+    x[9, :10] = x[5, :10] - pp._NEAR_TIE_GAP / 4                                   # 9 just under 5 there
+    kept = pp._KeptMasks(x, np.array([h, w]), (h, w))     # already at the output size: resampling copies
+    subset = np.arange(k)
+    winner, unsure = kept.softmax_argmax(subset)
+    torch_argmax = lambda rows: torch.from_numpy(x[rows].reshape(len(rows), -1)).T.softmax(-1).argmax(-1).numpy()  # noqa: E731
+    np.testing.assert_array_equal(winner.ravel(), torch_argmax(subset))
+    for drop in ([5, 0], [9, 2, 11]):
+        keep = ~np.isin(subset, drop)
+        winner, unsure = kept.narrowed(winner, unsure, subset, keep)
+        subset = subset[keep]
+        np.testing.assert_array_equal(winner.ravel(), torch_argmax(subset))
+        assert winner.max() == len(subset) - 1 and unsure.mean() < 0.7
+    winner, unsure = kept.narrowed(winner, unsure, subset, subset == 3)
+    assert not winner.any() and not unsure.any()
+
+
 def test_instance_masks_jit_with_traced_sizes():
     """Sizes are data, not shapes: one compilation serves every image size of a mask grid."""
     x = reference_arrays("postprocess_synthetic.npz", ["pred_masks", "image_sizes"])
