@@ -8,6 +8,7 @@ all of it to `--out`.
 
     python bench/compare_torch.py --repeats 5 --threads 2 \
         --cases panoptic_b1,panoptic_b4,detection_b1,detection_b4,pipeline,train_step
+    python bench/compare_torch.py --cases panoptic_photo --frameworks jax,torch --repeats 5 --rounds 3
 
 Cases:
   panoptic_bN   R50-DC5 panoptic (DETRsegm, 250 classes), N images of 800x1066, no padding
@@ -28,6 +29,11 @@ Frameworks: `jax` (jitted, `padding_invariant` as --padding-invariant, default T
 library default), `torch` (eager, no_grad, bench/torch_detr.py), `torch_compile`
 (torch.compile of the same module; failures are recorded, not fatal).
 
+`--rounds N` runs the whole sequence N times (jax, torch, jax, torch, ...) and prints each round's
+table and the jax/torch ratio of every round: the PyTorch side's median for the photo case drifted
+from 12.2 to 15.8 s between runs minutes apart (session 8), more than within one run, and a pair
+run back to back shares the machine's state.
+
 Per case and framework: median / min / max of `--repeats` runs after the first call (the first
 call is reported apart: compilation for JAX and torch.compile, one-off set-up for eager torch),
 peak RSS, XLA's FLOP count of the jitted program as executed (`common.executed_gflops`: the
@@ -43,6 +49,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -363,6 +370,17 @@ def spawn(framework: str, case: str, args) -> Dict[str, object]:
         return json.loads(out.read_text())
 
 
+def paired_ratios(results: List[Dict[str, object]]):
+    """(case, torch framework, [jax median / torch median of each round that has both])."""
+    by = {(r["case"], r["framework"], r.get("round", 0)): r for r in results if r.get("median_s")}
+    pairs: Dict[tuple, List[float]] = {}
+    for (case, fw, round_index), r in sorted(by.items(), key=lambda item: item[0][2]):
+        jax_r = by.get((case, "jax", round_index))
+        if fw != "jax" and jax_r is not None:
+            pairs.setdefault((case, fw), []).append(jax_r["median_s"] / r["median_s"])
+    return [(case, fw, ratios) for (case, fw), ratios in pairs.items()]
+
+
 def fmt(value, spec: str = ".0f", missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
@@ -401,6 +419,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help=f"comma-separated, from {ALL_CASES}")
     parser.add_argument("--frameworks", default=",".join(FRAMEWORKS), help=f"comma-separated, from {FRAMEWORKS}")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every (case, framework) this many times, the frameworks alternating, and report "
+                             "the jax/torch ratio of each round (machine drift between runs cancels in a pair)")
     parser.add_argument("--threads", type=int, default=0, help="CPUs for each framework (0: all usable)")
     parser.add_argument("--padding-invariant", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
                         help="detr-jax mode (true: the library default; false: the original's arithmetic)")
@@ -430,21 +451,30 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"jax {info['jax']}, flax {info['flax']}, torch {info['torch']}; threads {args.threads or 'all'}; "
           f"repeats {args.repeats}; model inputs {args.size}", flush=True)
     results = []
-    for case in cases:
-        for fw in OTHER_CASES.get(case, frameworks):
-            result = spawn(fw, case, args)
-            results.append(result)
-            status = result.get("error") or result.get("todo") or \
-                f"median {1e3 * result['median_s']:.0f} ms, first {result['first_call_s']:.1f} s"
-            print(f"  {case:14s} {fw:14s} {status.splitlines()[0] if status else ''}", flush=True)
+    for round_index in range(args.rounds):
+        for case in cases:
+            for fw in OTHER_CASES.get(case, frameworks):
+                result = dict(spawn(fw, case, args), round=round_index)
+                results.append(result)
+                status = result.get("error") or result.get("todo") or \
+                    f"median {1e3 * result['median_s']:.0f} ms, first {result['first_call_s']:.1f} s"
+                print(f"  {case:14s} {fw:14s} {status.splitlines()[0] if status else ''}"
+                      + (f"  (round {round_index + 1})" if args.rounds > 1 else ""), flush=True)
     peaks = [r["matmul_gflops"] for r in results if r.get("matmul_gflops")]
     peak = max(peaks) if peaks else None
     print(f"\nfloat32 matmul peak ({common.MATMUL_N}^3): "
           + ", ".join(f"{r['case']}/{r['framework']} {r['matmul_gflops']:.0f}" for r in results if r.get("matmul_gflops"))
           + f" GFLOP/s; % of peak below uses the best, {fmt(peak)} GFLOP/s\n")
     model_results = [r for r in results if r["case"] in MODEL_CASES or r["case"] == "panoptic_photo"]
-    if model_results:
-        print(table(model_results, peak))
+    for round_index in range(args.rounds):
+        in_round = [r for r in model_results if r["round"] == round_index]
+        if in_round:
+            print(("" if round_index == 0 else "\n") + (f"round {round_index + 1}:\n" if args.rounds > 1 else "")
+                  + table(in_round, peak))
+    if args.rounds > 1:
+        print()
+        for case, fw, ratios in paired_ratios(model_results):
+            print(f"{case}, jax/{fw} per round: {', '.join(f'{q:.3f}' for q in ratios)}; median {statistics.median(ratios):.3f}")
     photo = {r["framework"]: r for r in results if r["case"] == "panoptic_photo" and "median_s" in r}
     for fw, r in photo.items():
         print(f"\npanoptic_photo {fw}: preprocess {1e3 * r['preprocess_s']:.0f} ms, model {1e3 * r['model_s']:.0f} ms, "

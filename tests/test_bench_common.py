@@ -22,3 +22,18 @@ def test_executed_gflops_counts_every_attention_block():
     cost = jax.jit(core).lower(q, k, v).cost_analysis()
     loop_once = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]) / 1e9
     assert loop_once < executed / 4                        # XLA alone counts one block of the loop
+
+
+def test_compare_torch_pairs_each_rounds_jax_run_with_that_rounds_torch_run():
+    import compare_torch
+
+    def run(case, framework, round_index, median_s):
+        return {"case": case, "framework": framework, "round": round_index, "median_s": median_s}
+
+    results = [run("panoptic_photo", "jax", 0, 3.0), run("panoptic_photo", "torch", 0, 15.0),
+               run("panoptic_photo", "jax", 1, 2.5), run("panoptic_photo", "torch", 1, 12.5),
+               run("panoptic_photo", "jax", 2, 2.0), {"case": "panoptic_photo", "framework": "torch", "round": 2,
+                                                       "error": "timed out"},
+               run("detection_b1", "jax", 0, 1.0), run("detection_b1", "torch", 0, 2.0)]
+    pairs = {(case, fw): ratios for case, fw, ratios in compare_torch.paired_ratios(results)}
+    assert pairs == {("panoptic_photo", "torch"): [0.2, 0.2], ("detection_b1", "torch"): [0.5]}
