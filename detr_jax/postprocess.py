@@ -415,7 +415,7 @@ class _KeptMasks:
         masks; bool [h, w]: the pixels where a sub-subset's argmax may not follow from it, for
         `narrowed`)."""
         if len(subset) == 1:
-            return np.zeros((self.h, self.w), np.int64), np.zeros((self.h, self.w), bool)
+            return self._without_choice()
         best, near = self.pick(subset)
         return _replay_near_ties(best, near, lambda pixels: self.logits_at(subset, pixels)), near
 
@@ -423,14 +423,14 @@ class _KeptMasks:
                  ) -> Tuple[np.ndarray, np.ndarray]:
         """`softmax_argmax(subset[keep])` from `(winner, unsure) = softmax_argmax(subset)` (or a
         previous `narrowed`), recomputing only the pixels whose winner is left out or that are
-        `unsure`; `keep`: bool [len(subset)].
+        `unsure`; `keep`: bool [len(subset)] (with none kept, the map is all 0, as for one mask).
 
         Exact: away from `unsure` pixels the runner-up logit is more than the near-tie gap below
         the winner's, and leaving other masks out only widens that gap, so the winner stays torch's
         softmax argmax; the other pixels get torch's softmax replayed over the remaining masks."""
         remaining = subset[keep]
-        if len(remaining) == 1:
-            return np.zeros((self.h, self.w), np.int64), np.zeros((self.h, self.w), bool)
+        if len(remaining) <= 1:
+            return self._without_choice()
         new_index = np.where(keep, np.cumsum(keep) - 1, -1)
         winner = new_index[winner]
         unsure = unsure | (winner < 0)
@@ -438,6 +438,10 @@ class _KeptMasks:
         if len(pixels):
             winner.reshape(-1)[pixels] = _torch_softmax_argmax(self.logits_at(remaining, pixels))
         return winner, unsure
+
+    def _without_choice(self) -> Tuple[np.ndarray, np.ndarray]:
+        """`softmax_argmax`'s result over one mask: index 0 everywhere, no pixel unsure."""
+        return np.zeros((self.h, self.w), np.int64), np.zeros((self.h, self.w), bool)
 
 
 def _panoptic_one(logits, masks, src_hw, size_hw, orig_hw, is_thing, threshold) -> Dict[str, Any]:
@@ -457,10 +461,9 @@ def _panoptic_one(logits, masks, src_hw, size_hw, orig_hw, is_thing, threshold) 
     area = np.bincount(id_map.ravel(), minlength=len(kept))[:len(kept)]
     while len(kept) and (area <= MIN_SEGMENT_AREA).any():  # drop tiny segments, redo without merging
         big = area > MIN_SEGMENT_AREA
-        if big.any():
-            winner, unsure = resampled.narrowed(winner, unsure, subset, big)
+        winner, unsure = resampled.narrowed(winner, unsure, subset, big)
         kept, classes, subset = kept[big], classes[big], subset[big]
-        id_map = _segment_map(winner, [], orig_hw) if len(kept) else np.zeros(tuple(int(v) for v in orig_hw), np.int64)
+        id_map = _segment_map(winner, [], orig_hw)
         area = np.bincount(id_map.ravel(), minlength=len(kept))[:len(kept)]
     segments = [{"id": i, "isthing": bool(is_thing(int(c))), "category_id": int(c), "area": int(a)}
                 for i, (c, a) in enumerate(zip(classes, area))]

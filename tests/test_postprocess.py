@@ -222,6 +222,8 @@ def test_narrowing_the_kept_masks_equals_torchs_softmax_argmax_over_the_rest():
         assert winner.max() == len(subset) - 1 and unsure.mean() < 0.7
     winner, unsure = kept.narrowed(winner, unsure, subset, subset == 3)
     assert not winner.any() and not unsure.any()
+    winner, unsure = kept.narrowed(winner, unsure, subset[subset == 3], np.zeros(1, bool))   # none left
+    assert winner.shape == (h, w) and not winner.any() and not unsure.any()
 
 
 def test_instance_masks_jit_with_traced_sizes():
