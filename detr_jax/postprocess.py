@@ -431,13 +431,9 @@ class _KeptMasks:
         remaining = subset[keep]
         if len(remaining) <= 1:
             return self._without_choice()
-        new_index = np.where(keep, np.cumsum(keep) - 1, -1)
-        winner = new_index[winner]
+        winner = np.where(keep, np.cumsum(keep) - 1, -1)[winner]   # -1: the winner was left out
         unsure = unsure | (winner < 0)
-        pixels = np.flatnonzero(unsure)
-        if len(pixels):
-            winner.reshape(-1)[pixels] = _torch_softmax_argmax(self.logits_at(remaining, pixels))
-        return winner, unsure
+        return _replay_near_ties(winner, unsure, lambda pixels: self.logits_at(remaining, pixels)), unsure
 
     def _without_choice(self) -> Tuple[np.ndarray, np.ndarray]:
         """`softmax_argmax`'s result over one mask: index 0 everywhere, no pixel unsure."""
