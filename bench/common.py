@@ -61,7 +61,7 @@ def executed_gflops(fn: Callable, *args, **kwargs) -> float:
     XLA counts the body of a loop once, whatever its trip count, and the attention over long
     sequences (the encoder's thousands of tokens) runs its query blocks in a loop (`lax.map`): a
     plain count misses all blocks but one (at 800x1066: 56 of the encoder's 124 GFLOPs counted).
-    So `fn` is lowered with the blocks as one (`query_blocks` -> 1 block; the same arithmetic, not
+    So `fn` is lowered with that loop as a vmap (`transformer.map_blocks`; the same arithmetic, not
     compiled or run).  `fn` may be jitted (its wrapped function is traced afresh).  A program
     that loops over the images of a batch (`DETRModel`) is also counted once: pass the module's
     `apply` (the batch at once, the same arithmetic) for batches of more than one.
@@ -73,7 +73,7 @@ def executed_gflops(fn: Callable, *args, **kwargs) -> float:
     from detr_jax.models import transformer
 
     plain = fn.__wrapped__ if hasattr(fn, "lower") else fn     # a jitted function: what it wraps
-    with mock.patch.object(transformer, "query_blocks", lambda n, limit: (1, n)):
+    with mock.patch.object(transformer, "map_blocks", lambda block, xs: jax.vmap(block)(xs)):
         cost = jax.jit(lambda *a, **k: plain(*a, **k), static_argnames=tuple(
             k for k, v in kwargs.items() if not hasattr(v, "shape"))).lower(*args, **kwargs).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -13,7 +13,7 @@ from detr_jax.models.transformer import attention_core  # noqa: E402
 
 
 def test_executed_gflops_counts_every_attention_block():
-    b, n, heads, d = 1, 1000, 2, 16          # 1000 queries run in 8 blocks of 125 (a lax.map loop)
+    b, n, heads, d = 1, 1000, 2, 16          # 2 heads x 8 blocks of 125 queries (a lax.map loop)
     q, k, v = (np.ones((b, n, heads, d), np.float32) for _ in range(3))
     core = functools.partial(attention_core, query_chunk=128)
     matmuls = 2 * 2 * b * heads * n * n * d / 1e9           # q k^T and (weights) v

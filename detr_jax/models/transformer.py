@@ -21,7 +21,8 @@ def layer_norm(name: str, dtype: Any) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, dtype=dtype, name=name)
 
 
-ATTENTION_QUERY_CHUNK = 128   # queries per block when a sequence is longer than twice this
+ATTENTION_QUERY_CHUNK = 512   # queries of one head per block
+BLOCKED_ABOVE = 256           # query sequences longer than this run in blocks (the encoder's)
 
 
 def query_blocks(num_queries: int, limit: int) -> Tuple[int, int]:
@@ -30,25 +31,33 @@ def query_blocks(num_queries: int, limit: int) -> Tuple[int, int]:
     return blocks, -(-num_queries // blocks)
 
 
+def map_blocks(fn, xs):
+    """`lax.map(fn, xs)`: the blocked attention's loop (bench/common.py counts its FLOPs by
+    swapping it for a vmap: XLA's cost analysis counts a loop's body once)."""
+    return jax.lax.map(fn, xs)
+
+
 def attention_core(q, k, v, key_valid=None, *, dropout: float = 0.0, rng=None,
                    query_chunk: Optional[int] = ATTENTION_QUERY_CHUNK, dtype: Any = jnp.float32):
     """softmax(q k^T) v with dropout on the weights.  q [B, Nq, H, D] (already scaled), k and v
     [B, Nk, H, D], key_valid bool [B, Nk] -> [B, Nq, H, D].  `rng`: dropout key (None: no dropout).
 
-    Computed heads-first ([B, H, N, D], so the two matrix products batch over leading axes) with
-    the softmax normalized after the product with v: exp(l - max) v / sum(exp(l - max)) divides
-    [Nq, D] values instead of [Nq, Nk] weights, one pass less over the largest tensor (the same
-    values up to float rounding; dropout commutes with the division).
-    Long query sequences (the encoder's thousands of tokens) run `query_chunk` queries at a time,
-    each block under `jax.checkpoint`: the [B, H, block, Nk] weights of one block are never all
-    live, at inference (R50-DC5 at 800x1066, one encoder layer's core: 274 ms as one block in the
-    original layout, 154 ms now) and in training (the backward pass recomputes a block's weights
-    instead of storing [B, H, Nq, Nk] weights and dropout masks per layer).  Dropout then draws
-    per block (a key of its own per block).  When every key is valid (an unpadded image), the
-    blocked core skips the masking select (`lax.cond`): ~10 ms of an encoder layer's ~150 ms at
-    800x1066, the same values.
+    Computed per (image, head) row ([B * H, N, D]) with the softmax normalized after the product
+    with v: exp(l - max) v / sum(exp(l - max)) divides [Nq, D] values instead of [Nq, Nk]
+    weights, one pass less over the largest tensor (the same values up to float rounding; dropout
+    commutes with the division).
+    Long query sequences (more than `BLOCKED_ABOVE`: the encoder's thousands of tokens) run as a
+    loop over blocks of at most `query_chunk` queries of ONE head, each block under
+    `jax.checkpoint`: only one block's [block, Nk] weights are ever live, at inference and in
+    training (the backward pass recomputes a block's weights instead of storing [B, H, Nq, Nk]
+    weights and dropout masks per layer).  Dropout then draws per block (a key of its own per
+    block).  One encoder layer's core at 800x1066 (3350 tokens, 8 heads of 32), same values:
+    blocks of 128 queries of all 8 heads 189-261 ms, blocks of 512 queries of one head 124-171 ms
+    (median of 9-15, interleaved; a block's 512 x 3350 weights are 6.9 MB instead of 13.7).
+    When every key is valid (an unpadded image), the blocked core skips the masking select
+    (`lax.cond`), the same values.
     """
-    blocked = query_chunk is not None and q.shape[1] > 2 * query_chunk
+    blocked = query_chunk is not None and q.shape[1] > BLOCKED_ABOVE
     core = functools.partial(_attention_core, dropout=dropout, rng=rng, query_chunk=query_chunk if blocked else None,
                              dtype=dtype)
     if blocked and key_valid is not None:     # an unpadded image: no masking pass
@@ -57,35 +66,39 @@ def attention_core(q, k, v, key_valid=None, *, dropout: float = 0.0, rng=None,
 
 
 def _attention_core(q, k, v, key_valid=None, *, dropout: float, rng, query_chunk: Optional[int], dtype: Any):
-    """`attention_core`, the query blocks of `query_chunk` (None: one block) always masked by
-    `key_valid` when given."""
-    heads_first = lambda t: jnp.swapaxes(t, 1, 2)  # noqa: E731
-    k, v = heads_first(k), heads_first(v)
+    """`attention_core`, in blocks of `query_chunk` queries of one head (None: all at once)
+    always masked by `key_valid` when given."""
+    b, nq, heads, d = q.shape
+    rows = lambda t: jnp.swapaxes(t, 1, 2).reshape(b * heads, t.shape[1], d)  # noqa: E731  [B*H, N, D]
+    q, k, v = rows(q), rows(k), rows(v)
+    valid = None if key_valid is None else jnp.repeat(key_valid, heads, axis=0)   # [B*H, Nk]
 
-    def block(qb, rng):   # qb [B, H, n, D]
-        logits = jnp.einsum("bhqd,bhkd->bhqk", qb, k).astype(jnp.float32)
-        if key_valid is not None:
-            logits = jnp.where(key_valid[:, None, None, :], logits, -jnp.inf)
+    def block(qb, kb, vb, valid, rng):   # qb [..., n, D], kb and vb [..., Nk, D], valid [..., Nk]
+        logits = jnp.einsum("...qd,...kd->...qk", qb, kb).astype(jnp.float32)
+        if valid is not None:
+            logits = jnp.where(valid[..., None, :], logits, -jnp.inf)
         unnormalized = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
         total = unnormalized.sum(axis=-1, keepdims=True)
         weights = unnormalized.astype(dtype)
         if rng is not None and dropout > 0.0:
             keep = jax.random.bernoulli(rng, 1.0 - dropout, weights.shape)
             weights = jnp.where(keep, weights / (1.0 - dropout), jnp.zeros((), dtype))
-        out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+        out = jnp.einsum("...qk,...kd->...qd", weights, vb)
         return (out.astype(jnp.float32) / total).astype(dtype)
 
-    b, nq = q.shape[:2]
-    q = heads_first(q)
     if query_chunk is None:
-        return heads_first(block(q, rng))
-    blocks, size = query_blocks(nq, query_chunk)
-    padded = jnp.pad(q, ((0, 0), (0, 0), (0, blocks * size - nq), (0, 0)))
-    stacked = jnp.moveaxis(padded.reshape(*q.shape[:2], blocks, size, q.shape[-1]), 2, 0)   # [blocks, B, H, size, D]
-    keys = None if rng is None else jax.random.split(rng, blocks)
-    out = jax.lax.map(lambda args: jax.checkpoint(block)(*args), (stacked, keys))
-    out = jnp.moveaxis(out, 0, 2).reshape(*q.shape[:2], blocks * size, q.shape[-1])[:, :, :nq]
-    return heads_first(out)
+        out = block(q, k, v, valid, rng)
+    else:
+        blocks, size = query_blocks(nq, query_chunk)
+        stacked = jnp.pad(q, ((0, 0), (0, blocks * size - nq), (0, 0))).reshape(b * heads * blocks, size, d)
+        row_of_block = jnp.arange(b * heads * blocks) // blocks
+        keys = None if rng is None else jax.random.split(rng, b * heads * blocks)
+
+        def one_block(args):
+            qb, row, rng = args
+            return jax.checkpoint(block)(qb, k[row], v[row], None if valid is None else valid[row], rng)
+        out = map_blocks(one_block, (stacked, row_of_block, keys)).reshape(b * heads, blocks * size, d)[:, :nq]
+    return jnp.swapaxes(out.reshape(b, heads, nq, d), 1, 2)
 
 
 class MultiheadAttention(nn.Module):
