@@ -127,34 +127,76 @@ def _linear_taps(xp, src, dst, n_out: int, n_in: int):
     return xp.minimum(i0, n_in - 1), xp.minimum(i1, n_in - 1), l0, l1
 
 
-def _resize_one(xp, x, ih0, ih1, lh0, lh1, iw0, iw1, lw0, lw1):
-    """[Q, H, W] -> [Q, Ho, Wo] in the original's order: rows, then columns, each 2-tap sum as
-    fma(v0, l0, v1 * l1)."""
-    def lerp(v0, v1, l0, l1):
-        return _fma(xp, v0, l0, v1 * l1)
-    top, bottom = x[:, ih0, :], x[:, ih1, :]
-    top = lerp(top[:, :, iw0], top[:, :, iw1], lw0, lw1)
-    bottom = lerp(bottom[:, :, iw0], bottom[:, :, iw1], lw0, lw1)
-    return lerp(top, bottom, lh0[:, None], lh1[:, None])
+def _column_pass(xp, x, iw0, iw1, lw0, lw1):
+    """[Q, H, W] -> [Q, H, Wo]: every source row resampled to the output columns, each output
+    value fma(v0, l0, v1 * l1) as in the original's kernel."""
+    return _fma(xp, x[:, :, iw0], lw0, x[:, :, iw1] * lw1)
 
 
-def resize_bilinear(x, src_sizes, dst_sizes, out_hw: Tuple[int, int]):
+def _row_pass(xp, across, ih0, ih1, lh0, lh1):
+    """[Q, H, Wo] column-pass rows -> [Q, Ho, Wo]: each output row fma(top, l0, bottom * l1)."""
+    return _fma(xp, across[:, ih0, :], lh0[:, None], across[:, ih1, :] * lh1[:, None])
+
+
+_ROW_BLOCK = 32   # output rows per step of the row pass on the device
+
+
+def _row_blocks(across, row_taps, reduce: Callable = lambda values: values, block: int = _ROW_BLOCK):
+    """jnp: `reduce(_row_pass(across, *taps))` computed `block` output rows at a time, so that the
+    [Q, Ho, Wo] values are never all in memory (the photo case's 23 kept masks resampled to
+    800x1066 and their per-pixel argmax: 93 ms as two programs over the whole [Q, Ho, Wo], 38 ms
+    from the column pass this way, median of 9, interleaved).
+    `reduce` maps values [Q, n, Wo] to arrays whose second-to-last axis is the n rows; the
+    results are those arrays for all Ho rows."""
+    n_out = len(row_taps[0])
+    steps = -(-n_out // block)
+    padded = [jnp.pad(t, (0, steps * block - n_out), mode="edge") for t in row_taps]
+
+    def step(start):
+        taps = [jax.lax.dynamic_slice_in_dim(t, start, block) for t in padded]
+        return reduce(_row_pass(jnp, across, *taps))
+
+    def unblock(y):   # [steps, ..., block, last] -> [..., steps * block, last][..., :n_out, :]
+        y = jnp.moveaxis(y, 0, -3)
+        return y.reshape(*y.shape[:-3], steps * block, y.shape[-1])[..., :n_out, :]
+    return jax.tree_util.tree_map(unblock, jax.lax.map(step, jnp.arange(steps) * block))
+
+
+def _resize_one(xp, x, ih0, ih1, lh0, lh1, iw0, iw1, lw0, lw1, reduce=None):
+    """[Q, H, W] -> [Q, Ho, Wo] in the original's order: each output pixel is the 2-tap sum over
+    rows of two 2-tap sums over columns.  A column sum depends only on the source row and the
+    output column, so it is computed once per source row (`_column_pass`) and then combined per
+    output row (`_row_pass`): the same values as per pixel, with less arithmetic.  jnp: `reduce`
+    (default: none) applied block by block (`_row_blocks`)."""
+    across = _column_pass(xp, x, iw0, iw1, lw0, lw1)
+    if xp is np:
+        return _row_pass(np, across, ih0, ih1, lh0, lh1)
+    return _row_blocks(across, (ih0, ih1, lh0, lh1), *(() if reduce is None else (reduce,)))
+
+
+def _bilinear_taps(xp, src_sizes, dst_sizes, out_hw, in_hw):
+    """(ih0, ih1, lh0, lh1, iw0, iw1, lw0, lw1), each [B, Ho] or [B, Wo]: `_linear_taps` of both axes."""
+    return (*_linear_taps(xp, src_sizes[:, 0], dst_sizes[:, 0], out_hw[0], in_hw[0]),
+            *_linear_taps(xp, src_sizes[:, 1], dst_sizes[:, 1], out_hw[1], in_hw[1]))
+
+
+def resize_bilinear(x, src_sizes, dst_sizes, out_hw: Tuple[int, int], *, reduce: Optional[Callable] = None):
     """Resample each image's top-left `src_sizes[b]` region of `x` to `dst_sizes[b]`, bilinearly.
 
     x: [B, Q, H, W] (jnp or numpy; the result has the same kind); src_sizes, dst_sizes: [B, 2]
     (h, w), may be traced; out_hw: static (Ho, Wo) >= every dst size.  Returns [B, Q, Ho, Wo]
     float32 whose region [:dst_h, :dst_w] equals `F.interpolate(x[b:b+1, :, :src_h, :src_w],
-    dst, mode="bilinear", align_corners=False)`; the rest is junk.
+    dst, mode="bilinear", align_corners=False)`; the rest is junk.  jnp only: `reduce` maps the
+    values of a block of rows [Q, n, Wo] to what is returned instead (its rows on the second-to-
+    last axis, e.g. thresholded masks), so the float values are never all in memory.
     """
     xp = np if isinstance(x, np.ndarray) else jnp
     src_sizes, dst_sizes = xp.asarray(src_sizes), xp.asarray(dst_sizes)
-    (n_h, n_w), (h_in, w_in) = out_hw, x.shape[-2:]
-    taps = (*_linear_taps(xp, src_sizes[:, 0], dst_sizes[:, 0], n_h, h_in),
-            *_linear_taps(xp, src_sizes[:, 1], dst_sizes[:, 1], n_w, w_in))
+    taps = _bilinear_taps(xp, src_sizes, dst_sizes, out_hw, x.shape[-2:])
     x = x.astype(xp.float32)
     if xp is np:
         return np.stack([_resize_one(np, x[b], *(t[b] for t in taps)) for b in range(len(x))])
-    return jax.vmap(functools.partial(_resize_one, jnp))(x, *taps)
+    return jax.vmap(functools.partial(_resize_one, jnp, reduce=reduce))(x, *taps)
 
 
 def _mask_regions(xp, masks_hw, image_sizes, crop: bool, target: str):
@@ -177,8 +219,8 @@ def instance_masks(pred_masks: jnp.ndarray, image_sizes: jnp.ndarray, out_hw: Tu
     max processed size).  `out_hw` (static) must cover every image, e.g. 4 x the grid shape.
     """
     src, dst = _mask_regions(jnp, pred_masks.shape[-2:], image_sizes, crop, "segm")
-    logits = resize_bilinear(jnp.asarray(pred_masks), src, dst, out_hw)
-    return jax.nn.sigmoid(logits) > threshold
+    return resize_bilinear(jnp.asarray(pred_masks), src, dst, out_hw,
+                           reduce=lambda logits: jax.nn.sigmoid(logits) > threshold)
 
 
 def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
@@ -353,22 +395,27 @@ def _segment_map(winner: np.ndarray, merge: Sequence[Sequence[int]], orig_hw) ->
     return m_id[rows[:, None], cols[None, :]]
 
 
-_KEPT_MULTIPLE, _OUT_MULTIPLE = 8, 128   # shape buckets of `_resample` and `_pick`
+_KEPT_MULTIPLE, _OUT_MULTIPLE = 8, 128   # shape buckets of `_column_pass_of` and `_pick`
 _PAD_LOGIT = -1e30                       # mask logit of the padding queries (never picked)
 
 
 @functools.partial(jax.jit, static_argnames=("out_hw",))
-def _resample(masks, src_hw, size_hw, out_hw):
-    """masks [K, H, W] -> [K, *out_hw]: `resize_bilinear` of each mask's top-left `src_hw` region
-    to `size_hw` (the rest of the output is junk)."""
-    return resize_bilinear(masks[None], src_hw[None], size_hw[None], out_hw)[0]
+def _column_pass_of(masks, src_hw, size_hw, out_hw):
+    """masks [K, H, W] -> (their column pass [K, H, Wo], the row taps (i0, i1, l0, l1) [Ho]) of
+    `resize_bilinear` of each mask's top-left `src_hw` region to `size_hw` (`_rows_at` and
+    `_pick` finish the resampling; output pixels beyond `size_hw` are junk)."""
+    taps = [t[0] for t in _bilinear_taps(jnp, src_hw[None], size_hw[None], out_hw, masks.shape[-2:])]
+    return _column_pass(jnp, masks.astype(jnp.float32), *taps[4:]), tuple(taps[:4])
 
 
 @jax.jit
-def _pick(resized, rows):
-    """(argmax, near ties) over the rows of `resized` [K, h, w] whose `rows` [K] is >= 0 (the
-    others are left out), the argmax given as that row's `rows` value."""
-    best, near = _argmax_and_near_ties(jnp, [jnp.where(row >= 0, x, -jnp.inf) for row, x in zip(rows, resized)])
+def _pick(across, row_taps, rows):
+    """(argmax, near ties) [Ho, Wo] over the resampled masks (`_column_pass_of`'s outputs) whose
+    `rows` [K] is >= 0 (the others are left out), the argmax given as that mask's `rows` value;
+    computed a block of output rows at a time, so the [K, Ho, Wo] logits are never all in memory."""
+    def reduce(values):   # [K, n, Wo] -> ([n, Wo], [n, Wo])
+        return _argmax_and_near_ties(jnp, [jnp.where(row >= 0, x, -jnp.inf) for row, x in zip(rows, values)])
+    best, near = _row_blocks(across, row_taps, reduce)
     return rows[best], near
 
 
@@ -376,30 +423,36 @@ _NEAR_MULTIPLE = 4096       # `_logits_at` gathers near-tie pixels in multiples 
 
 
 @jax.jit
-def _logits_at(resized, rows, cols):
-    """resized [K, h, w] at the pixels (rows [n], cols [n]) -> [K, n]."""
-    return resized[:, rows, cols]
+def _logits_at(across, row_taps, rows, cols):
+    """The resampled mask logits [K, n] at the output pixels (rows [n], cols [n]): `_row_pass` of
+    those pixels alone (the same float32 operations, so the same values as `_pick` compared)."""
+    ih0, ih1, lh0, lh1 = (t[rows] for t in row_taps)
+    return _fma(jnp, across[:, ih0, cols], lh0, across[:, ih1, cols] * lh1)
 
 
 class _KeptMasks:
     """The kept masks resampled on the device, in shapes padded to the buckets, with the per-pixel
     softmax argmax over any subset of them (`softmax_argmax`), and over fewer of them from that
     result (`narrowed`: the small-segment loop re-picks only where a dropped mask won or near a
-    tie).  Only the logits of those pixels come back to the host (24 masks at 800x1066 are 99 MB,
-    their near ties a few MB)."""
+    tie).  The device holds the column pass of the resampling ([K, h / 4, w], 24 masks of the photo
+    case 22 MB); the argmax finishes the rows block by block, and only the logits of near-tie
+    pixels are computed in full and come back to the host (all 24 masks at 800x1066 would be 99
+    MB)."""
 
     def __init__(self, masks: np.ndarray, src_hw, size_hw):
         k, self.h, self.w = len(masks), int(size_hw[0]), int(size_hw[1])
         padded = np.full((-(-k // _KEPT_MULTIPLE) * _KEPT_MULTIPLE, *masks.shape[1:]), _PAD_LOGIT, np.float32)
         padded[:k] = masks
         out_hw = (-(-self.h // _OUT_MULTIPLE) * _OUT_MULTIPLE, -(-self.w // _OUT_MULTIPLE) * _OUT_MULTIPLE)
-        self.device = _resample(padded, np.asarray(src_hw, np.int32), np.asarray(size_hw, np.int32), out_hw)
+        self.across, self.row_taps = _column_pass_of(padded, np.asarray(src_hw, np.int32),
+                                                     np.asarray(size_hw, np.int32), out_hw)
+        self.count = len(padded)
 
     def pick(self, subset: np.ndarray):
         """(argmax in 0..len(subset)-1, near ties) [h, w] over the masks `subset` (sorted indices)."""
-        rows = np.full(len(self.device), -1, np.int32)
+        rows = np.full(self.count, -1, np.int32)
         rows[subset] = np.arange(len(subset), dtype=np.int32)
-        best, near = jax.device_get(_pick(self.device, rows))
+        best, near = jax.device_get(_pick(self.across, self.row_taps, rows))
         return best[:self.h, :self.w], near[:self.h, :self.w]
 
     def logits_at(self, subset: np.ndarray, pixels: np.ndarray) -> np.ndarray:
@@ -408,7 +461,8 @@ class _KeptMasks:
         padded = np.zeros(-(-n // _NEAR_MULTIPLE) * _NEAR_MULTIPLE, np.int64)
         padded[:n] = pixels
         rows, cols = np.divmod(padded, self.w)
-        return np.asarray(_logits_at(self.device, rows.astype(np.int32), cols.astype(np.int32)))[subset, :n]
+        logits = _logits_at(self.across, self.row_taps, rows.astype(np.int32), cols.astype(np.int32))
+        return np.asarray(logits)[subset, :n]
 
     def softmax_argmax(self, subset: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """(int64 [h, w]: per pixel the index into `subset` of torch's softmax argmax over those

@@ -183,19 +183,28 @@ def test_softmax_argmax_is_the_plain_argmax_beyond_the_near_tie_gap():
                 assert (np.argmax(x, 0) != torch_best).any(), "near ties should change some pixels"
 
 
-def test_device_pick_is_argmax_over_the_subset_with_ties_to_the_first():
+def test_device_pick_is_argmax_over_the_resampled_subset_with_ties_to_the_first():
+    """`_pick` finishes the resampling block by block (`_column_pass_of`, then rows) and takes the
+    argmax there: the same as the argmax over `resize_bilinear`'s whole output; `_logits_at` gives
+    those resampled logits bit for bit at any pixels."""
     rng = np.random.default_rng(4)
     x = rng.normal(0, 1, (8, 32, 48)).astype(np.float32)
     x[5] = x[2]                                   # exact ties: the earlier row wins
     x[6, :8] = x[2, :8] + pp._NEAR_TIE_GAP / 2    # near ties
+    src, size, out_hw = np.array([30, 45]), np.array([70, 101]), (100, 128)   # 100 rows: 4 blocks, the last padded
     subset = np.array([1, 2, 5, 6])
     rows = np.full(8, -1, np.int32)
     rows[subset] = np.arange(len(subset), dtype=np.int32)
-    best, near = jax.device_get(pp._pick(jnp.asarray(x), jnp.asarray(rows)))
-    want_best, want_near = pp._argmax_and_near_ties(np, x[subset])
+    across, taps = pp._column_pass_of(x, src, size, out_hw)
+    best, near = jax.device_get(pp._pick(across, taps, jnp.asarray(rows)))
+    resized = pp.resize_bilinear(x[None], src[None], size[None], out_hw)[0]      # numpy, whole
+    want_best, want_near = pp._argmax_and_near_ties(np, resized[subset])
     np.testing.assert_array_equal(best, want_best)
     np.testing.assert_array_equal(near, want_near)
-    assert near[:8].any() and not near[8:].all()
+    assert near[:16].any() and not near[:16].all() and (best == 1).any()
+    pixel_rows, pixel_cols = rng.integers(0, 70, 500), rng.integers(0, 101, 500)
+    np.testing.assert_array_equal(pp._logits_at(across, taps, pixel_rows, pixel_cols),
+                                  resized[:, pixel_rows, pixel_cols])
 
 
 def test_narrowing_the_kept_masks_equals_torchs_softmax_argmax_over_the_rest():
