@@ -141,13 +141,14 @@ def _row_pass(xp, across, ih0, ih1, lh0, lh1):
 _ROW_BLOCK = 32   # output rows per step of the row pass on the device
 
 
-def _row_blocks(across, row_taps, reduce: Callable = lambda values: values, block: int = _ROW_BLOCK):
+def _row_blocks(across, row_taps, reduce: Optional[Callable] = None, block: int = _ROW_BLOCK):
     """jnp: `reduce(_row_pass(across, *taps))` computed `block` output rows at a time, so that the
     [Q, Ho, Wo] values are never all in memory (the photo case's 23 kept masks resampled to
     800x1066 and their per-pixel argmax: 93 ms as two programs over the whole [Q, Ho, Wo], 38 ms
     from the column pass this way, median of 9, interleaved).
-    `reduce` maps values [Q, n, Wo] to arrays whose second-to-last axis is the n rows; the
-    results are those arrays for all Ho rows."""
+    `reduce` (None: the values themselves) maps values [Q, n, Wo] to arrays whose second-to-last
+    axis is the n rows; the results are those arrays for all Ho rows."""
+    reduce = reduce or (lambda values: values)
     n_out = len(row_taps[0])
     steps = -(-n_out // block)
     padded = [jnp.pad(t, (0, steps * block - n_out), mode="edge") for t in row_taps]
@@ -171,7 +172,7 @@ def _resize_one(xp, x, ih0, ih1, lh0, lh1, iw0, iw1, lw0, lw1, reduce=None):
     across = _column_pass(xp, x, iw0, iw1, lw0, lw1)
     if xp is np:
         return _row_pass(np, across, ih0, ih1, lh0, lh1)
-    return _row_blocks(across, (ih0, ih1, lh0, lh1), *(() if reduce is None else (reduce,)))
+    return _row_blocks(across, (ih0, ih1, lh0, lh1), reduce)
 
 
 def _bilinear_taps(xp, src_sizes, dst_sizes, out_hw, in_hw):
@@ -402,7 +403,7 @@ _PAD_LOGIT = -1e30                       # mask logit of the padding queries (ne
 @functools.partial(jax.jit, static_argnames=("out_hw",))
 def _column_pass_of(masks, src_hw, size_hw, out_hw):
     """masks [K, H, W] -> (their column pass [K, H, Wo], the row taps (i0, i1, l0, l1) [Ho]) of
-    `resize_bilinear` of each mask's top-left `src_hw` region to `size_hw` (`_rows_at` and
+    `resize_bilinear` of each mask's top-left `src_hw` region to `size_hw` (`_logits_at` and
     `_pick` finish the resampling; output pixels beyond `size_hw` are junk)."""
     taps = [t[0] for t in _bilinear_taps(jnp, src_hw[None], size_hw[None], out_hw, masks.shape[-2:])]
     return _column_pass(jnp, masks.astype(jnp.float32), *taps[4:]), tuple(taps[:4])
@@ -446,11 +447,10 @@ class _KeptMasks:
         out_hw = (-(-self.h // _OUT_MULTIPLE) * _OUT_MULTIPLE, -(-self.w // _OUT_MULTIPLE) * _OUT_MULTIPLE)
         self.across, self.row_taps = _column_pass_of(padded, np.asarray(src_hw, np.int32),
                                                      np.asarray(size_hw, np.int32), out_hw)
-        self.count = len(padded)
 
     def pick(self, subset: np.ndarray):
         """(argmax in 0..len(subset)-1, near ties) [h, w] over the masks `subset` (sorted indices)."""
-        rows = np.full(self.count, -1, np.int32)
+        rows = np.full(len(self.across), -1, np.int32)
         rows[subset] = np.arange(len(subset), dtype=np.int32)
         best, near = jax.device_get(_pick(self.across, self.row_taps, rows))
         return best[:self.h, :self.w], near[:self.h, :self.w]
