@@ -25,11 +25,11 @@ import os
 from typing import Any, Dict, Iterable, Mapping, Sequence, Tuple, Union
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
-VOID = 0
-OFFSET = 256 ** 3  # ids are below 2**24, so a (gt, pred) pair packs into one int64 key
+from detr_jax.panoptic_format import ID_LIMIT, VOID, id_to_rgb, read_id_map, rgb_to_id  # noqa: F401 (re-exported)
+
+OFFSET = ID_LIMIT  # ids are below 2**24, so a (gt, pred) pair packs into one int64 key
 MATCH_IOU = 0.5  # a match needs IoU strictly above this
 IGNORED_FRACTION = 0.5  # an unmatched prediction more than this much on VOID/crowd is no FP
 
@@ -58,31 +58,6 @@ def merge_pq_stats(*stats: Mapping[int, PQStat]) -> PQStats:
         for category_id, stat in one.items():
             total[category_id] = total[category_id] + stat if category_id in total else stat
     return total
-
-
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """Segment ids int64 [H, W] of a panoptic PNG's pixels [H, W, 3 or 4] (R + 256 G + 256^2 B)."""
-    rgb = np.asarray(rgb)
-    if rgb.ndim != 3 or rgb.shape[-1] not in (3, 4):
-        raise ValueError(f"a panoptic PNG must be RGB; got an array of shape {rgb.shape}")
-    rgb = rgb[..., :3].astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
-
-
-def id_to_rgb(ids: np.ndarray) -> np.ndarray:
-    """The inverse of `rgb_to_id`: uint8 [H, W, 3] colours of segment ids [H, W] below 2**24."""
-    ids = np.asarray(ids, dtype=np.int64)
-    return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)
-
-
-def read_id_map(path: Union[str, os.PathLike]) -> np.ndarray:
-    """Segment ids int64 [H, W] of a panoptic PNG file."""
-    with Image.open(path) as image:
-        pixels = np.asarray(image)
-    try:
-        return rgb_to_id(pixels)
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
 
 
 def _as_category_dict(categories: Categories) -> Dict[int, Mapping[str, Any]]:

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from detr_jax.box_ops import box_cxcywh_to_xyxy
-from detr_jax.panoptic_quality import id_to_rgb, rgb_to_id
+from detr_jax.panoptic_format import id_to_rgb, rgb_to_id
 
 MASK_STRIDE = 4             # pred_masks is at stride 4 of the padded input
 PANOPTIC_THRESHOLD = 0.85   # the original's PostProcessPanoptic default
@@ -273,9 +273,6 @@ def default_is_thing(category_id: int) -> bool:
 
 def panoptic_to_png(id_map: np.ndarray) -> np.ndarray:
     """Segment ids [H, W] -> uint8 [H, W, 3] with id = R + 256 G + 65536 B (the COCO panoptic PNG)."""
-    id_map = np.asarray(id_map)
-    if id_map.size and (id_map.min() < 0 or id_map.max() >= 2 ** 24):
-        raise ValueError("panoptic segment ids must lie in [0, 2**24)")
     return id_to_rgb(id_map)
 
 
