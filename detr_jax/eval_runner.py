@@ -18,7 +18,8 @@ Predicted panoptic segments of categories that the ground truth lacks are treate
 
 `evaluate_model` runs the model through a `Predictor` and hands its results to
 `evaluate_predictions`, which any other source of results (e.g. ground truth, in the tests) can use.
-Images are read as stored (no EXIF rotation: COCO's annotations refer to the stored pixels).
+Images are read by the dataset's reader, in the frame their annotations refer to
+(`detr_jax.data.image`: COCO's own files as stored, as the original reads them).
 
 Datasets: `CocoDetection` / `CocoPanoptic` folders (`load_dataset`), or TensorFlow Datasets'
 `coco/2017` / `coco/2017_panoptic` (`load_dataset(tfds="coco/2017_panoptic", split="validation")`,
@@ -129,7 +130,8 @@ class CocoFolderGroundTruth:
         return self.dataset.items[index][0]
 
     def load_image(self, index: int) -> np.ndarray:
-        return read_image(find_image(self.dataset.images_dir, self.image_info(index)["file_name"]))
+        info = self.image_info(index)
+        return read_image(find_image(self.dataset.images_dir, info["file_name"]), info)
 
     def index_of(self, image_id: int) -> int:
         return self._index[int(image_id)]

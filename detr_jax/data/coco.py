@@ -3,10 +3,12 @@
 A record is a dict (the contract shared by transforms, the loader and any other source, e.g. a
 future tensorflow-datasets adapter):
 
-    image       uint8 [H, W, 3] RGB (HWC), raw pixels (EXIF orientation NOT applied: COCO's
-                annotations refer to the stored pixels, as in the original DETR)
+    image       uint8 [H, W, 3] RGB (HWC) in the frame the annotations refer to
+                (`data/image.py`: the stored pixels when the json's height/width are the
+                stored size, as COCO's own files and the original DETR; the EXIF-upright
+                pixels when only those have the json's size; else the image is skipped)
     image_id    int
-    orig_size   int32 [2] (h, w) of the stored image
+    orig_size   int32 [2] (h, w) of that frame
     boxes       float32 [N, 4] xyxy in absolute pixels, clipped to the image
     labels      int32 [N] category ids (or contiguous labels, see `contiguous_labels`)
     iscrowd     bool [N]
@@ -19,8 +21,9 @@ from the masks like the original (`masks_to_boxes`: x_max is the index of the la
 one-pixel-wide segment has width 0).
 
 Bad data never raises mid-epoch from the loader: degenerate boxes and segments with empty masks
-are dropped at construction (one summary warning); an unreadable image or PNG makes
-`dataset[i]` raise `BadSampleError`, which the loader catches, logs and counts.
+are dropped at construction (one summary warning); an unreadable image or PNG, or one whose
+size is not the json's, makes `dataset[i]` raise `BadSampleError` (with the reason: for a size,
+the sizes), which the loader catches, logs and counts and evaluation reports.
 """
 from __future__ import annotations
 
@@ -32,9 +35,9 @@ import threading
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
-from PIL import Image
 
-from detr_jax.data.preprocess import ImageLoadError
+from detr_jax.data.image import ImageLoadError, decode_image
+from detr_jax.panoptic_format import PanopticPngError, read_id_map, rgb_to_id  # noqa: F401 (rgb_to_id: re-exported)
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, pathlib.Path]
@@ -47,13 +50,26 @@ class BadSampleError(Exception):
     """This item cannot be read (missing or corrupt file); the loader skips it."""
 
 
-def read_image(path: PathLike) -> np.ndarray:
-    """uint8 [H, W, 3] RGB of an image file, raw pixels; raises BadSampleError."""
+def read_image(path: PathLike, info: Dict) -> np.ndarray:
+    """uint8 [H, W, 3] RGB of the image file of the json entry `info` (its height and width
+    choose the frame, see `data/image.py`); raises BadSampleError with the reason."""
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, ValueError, ImageLoadError) as e:  # missing, truncated, not an image
-        raise BadSampleError(f"cannot read image {path}: {e}") from e
+        return decode_image(path, annotated_size=(info["height"], info["width"]))
+    except ImageLoadError as e:  # missing, truncated, not an image, neither frame of the json's size
+        raise BadSampleError(str(e)) from e
+
+
+def read_panoptic_png(path: PathLike, size) -> np.ndarray:
+    """Segment ids int64 [H, W] of a panoptic PNG, which must have the (h, w) `size` of its
+    image; raises BadSampleError with the reason."""
+    try:
+        ids = read_id_map(path)
+    except PanopticPngError as e:
+        raise BadSampleError(str(e)) from e
+    if ids.shape != tuple(size):
+        raise BadSampleError(f"panoptic PNG {path} is {ids.shape[0]}x{ids.shape[1]} (h x w), its image "
+                             f"{int(size[0])}x{int(size[1])}")
+    return ids
 
 
 def find_image(folder: pathlib.Path, file_name: str) -> pathlib.Path:
@@ -156,15 +172,12 @@ class CocoDetection(CocoBase):
 
     def __getitem__(self, index: int) -> Dict[str, np.ndarray]:
         info, anns = self.items[index]
-        image = read_image(find_image(self.images_dir, info["file_name"]))
+        image = read_image(find_image(self.images_dir, info["file_name"]), info)
         h, w = image.shape[:2]
-        if (h, w) != (info["height"], info["width"]):
-            log.warning("image %s is %dx%d, the json says %dx%d", info["file_name"], h, w,
-                        info["height"], info["width"])
         boxes = np.array([a["bbox"] for a in anns], np.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
         boxes = np.clip(boxes, 0, np.array([w, h, w, h], np.float32))
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # only if the size differs
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # clipping made it empty
         record = {"image": image, "image_id": int(info["id"]), "orig_size": np.array([h, w], np.int32),
                   "boxes": boxes, "labels": self._labels([a["category_id"] for a in anns]),
                   "iscrowd": np.array([bool(a.get("iscrowd", 0)) for a in anns], bool).reshape(-1),
@@ -187,12 +200,6 @@ def _ann_mask(ann: Dict, h: int, w: int) -> np.ndarray:
     else:
         rle = segm
     return mask_utils.decode(rle).astype(bool) if rle is not None else np.zeros((h, w), bool)
-
-
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """Panoptic PNG uint8 [H, W, 3] -> segment ids int64 [H, W]: R + 256 G + 65536 B."""
-    rgb = rgb.astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
 
 
 class CocoPanoptic(CocoBase):
@@ -237,11 +244,9 @@ class CocoPanoptic(CocoBase):
 
     def __getitem__(self, index: int) -> Dict[str, np.ndarray]:
         info, png_name, segments = self.items[index]
-        image = read_image(find_image(self.images_dir, info["file_name"]))
-        ids = rgb_to_id(read_image(self.png_dir / png_name))
+        image = read_image(find_image(self.images_dir, info["file_name"]), info)
         h, w = image.shape[:2]
-        if ids.shape != (h, w):
-            raise BadSampleError(f"{png_name} is {ids.shape}, its image {info['file_name']} is {(h, w)}")
+        ids = read_panoptic_png(self.png_dir / png_name, (h, w))
         seg_ids = np.array([s["id"] for s in segments], np.int64).reshape(-1)
         masks = ids[None] == seg_ids[:, None, None]
         nonempty = masks.any(axis=(1, 2))

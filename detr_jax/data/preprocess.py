@@ -4,8 +4,8 @@ Conventions: images are HWC; model inputs are float32 [B, H, W, 3] normalized wi
 mean and std; `pixel_mask` is bool [B, H, W], True on real pixels (the original DETR uses the
 opposite polarity).  Sizes are (h, w).
 
-Evaluation pipeline, as the original val transform: `load_image` (any PIL mode -> uint8 RGB,
-EXIF orientation applied) -> `resize_for_eval` (PIL bilinear to `resized_size`, what torchvision
+Evaluation pipeline, as the original val transform: `load_image` (the one decoder,
+`data/image.py`: any PIL mode -> uint8 RGB, EXIF orientation applied) -> `resize_for_eval` (PIL bilinear to `resized_size`, what torchvision
 does on a PIL image) -> `normalize` -> padded at the bottom/right to a bucket shape
 (`preprocess_images` does all of it).
 
@@ -22,15 +22,13 @@ keep 128 (`group_by_bucket` then sorts a folder into batches of one shape each).
 """
 from __future__ import annotations
 
-import io
-import os
-import warnings
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from detr_jax.config import DataConfig
+from detr_jax.data.image import ImageLike, ImageLoadError, decode_image  # noqa: F401 (ImageLoadError: re-exported)
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -89,96 +87,14 @@ def bucket_shape(height: int, width: int, multiple: Optional[int]) -> Tuple[int,
 # ----------------------------------------------------------------------------------------------
 # Loading
 
-ImageLike = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
-
-
-class ImageLoadError(OSError):
-    """An image that cannot be used: missing, not an image, truncated, empty or too large."""
-
-    def __init__(self, path, reason: str):
-        super().__init__(f"cannot load image {path}: {reason}")
-        self.path, self.reason = path, reason
-
-
-def _check_size(path, width: int, height: int, max_pixels: Optional[int]) -> None:
-    if width <= 0 or height <= 0:
-        raise ImageLoadError(path, f"it has zero size ({width} x {height})")
-    if max_pixels is not None and width * height > max_pixels:
-        raise ImageLoadError(path, f"{width} x {height} = {width * height} pixels is more than "
-                                   f"max_image_pixels = {max_pixels} (a decompression bomb?)")
-
-
-def _to_rgb(image: Image.Image, background: Optional[Tuple[int, int, int]]) -> np.ndarray:
-    """Any PIL mode -> uint8 [H, W, 3].  16/32-bit grey is scaled to 8 bits (PIL would clip it);
-    transparency is dropped (as `convert("RGB")`, what the original's data loader does) or, with
-    `background`, composited onto that colour."""
-    if image.mode.startswith("I"):  # I;16* and I: 16-bit range (I holding only 0..255 kept as is)
-        grey = np.asarray(image, dtype=np.float64)
-        grey = grey / 257.0 if image.mode != "I" or grey.max(initial=0) > 255 else grey
-        grey = np.clip(np.round(grey), 0, 255).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=-1)
-    if image.mode == "F":  # float images: [0, 1] if they fit, else taken as 0..255
-        grey = np.asarray(image, dtype=np.float64)
-        grey = grey * 255.0 if np.nanmax(grey, initial=0) <= 1.0 else grey
-        grey = np.clip(np.round(np.nan_to_num(grey)), 0, 255).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=-1)
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
-    if has_alpha:
-        image = image.convert("RGBA")
-        if background is not None:
-            canvas = Image.new("RGBA", image.size, tuple(background) + (255,))
-            image = Image.alpha_composite(canvas, image)
-    return np.asarray(image.convert("RGB"))
-
-
 def load_image(image: ImageLike, *, max_pixels: Optional[int] = DataConfig.max_image_pixels,
                background: Optional[Tuple[int, int, int]] = None) -> np.ndarray:
-    """A path, encoded bytes, PIL image or array -> uint8 RGB [H, W, 3].
-
-    Every PIL mode is accepted (RGB, L, I;16, RGBA, LA, P with transparency, CMYK, ...); alpha is
-    dropped unless `background` (r, g, b) is given, in which case it is composited onto it; the
-    EXIF orientation is applied (the original DETR does not); multi-frame files give their first
-    frame.  Arrays must be uint8 [H, W], [H, W, 1], [H, W, 3] or [H, W, 4].  Raises
-    `ImageLoadError` for a missing, unreadable, truncated or empty image, and for one of more than
-    `max_pixels` pixels (checked from the header, before decoding).
-    """
-    if isinstance(image, np.ndarray):
-        return _array_to_rgb(image, "<array>", max_pixels)
-    name = "<PIL image>" if isinstance(image, Image.Image) else "<bytes>" if isinstance(image, (bytes, bytearray)) \
-        else os.fspath(image)
-    if isinstance(image, (str, os.PathLike)) and not os.path.isfile(name):
-        raise ImageLoadError(name, "no such file")
-    try:
-        with warnings.catch_warnings():  # our own max_pixels replaces PIL's bomb warning
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            if isinstance(image, Image.Image):
-                return _decode(image, name, max_pixels, background)
-            with Image.open(io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else name) as opened:
-                return _decode(opened, name, max_pixels, background)
-    except Image.DecompressionBombError as error:
-        raise ImageLoadError(name, f"PIL refuses it as a decompression bomb ({error})") from None
-    except ImageLoadError:
-        raise
-    except Image.UnidentifiedImageError:
-        raise ImageLoadError(name, "not an image file that PIL can read") from None
-    except (OSError, ValueError, SyntaxError) as error:  # truncated, corrupt, unsupported mode
-        raise ImageLoadError(name, f"truncated, corrupt or unsupported ({error})") from None
-
-
-def _decode(image: Image.Image, name, max_pixels, background) -> np.ndarray:
-    _check_size(name, image.width, image.height, max_pixels)
-    image.load()
-    image = ImageOps.exif_transpose(image)
-    return _to_rgb(image, background)
-
-
-def _array_to_rgb(array: np.ndarray, name, max_pixels) -> np.ndarray:
-    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
-        raise ImageLoadError(name, f"expected uint8 [H, W], [H, W, 1|3|4]; got {array.dtype} {array.shape}")
-    _check_size(name, array.shape[1], array.shape[0], max_pixels)
-    if array.ndim == 2 or array.shape[2] == 1:
-        return np.repeat(array.reshape(array.shape[:2] + (1,)), 3, axis=-1)
-    return np.ascontiguousarray(array[..., :3])
+    """A path, encoded bytes, PIL image or array -> uint8 RGB [H, W, 3], as inference sees it:
+    `detr_jax.data.image.decode_image` with the EXIF orientation applied (the original DETR does
+    not apply it).  Every PIL mode is accepted, 16-bit grey scaled; alpha dropped unless
+    `background` (r, g, b) is given.  Raises `ImageLoadError` for a missing, unreadable,
+    truncated or empty image, and for one of more than `max_pixels` pixels."""
+    return decode_image(image, max_pixels=max_pixels, background=background)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,9 @@ the adapter copes instead of raising: per-object fields of unequal length are cu
 shortest; a panoptic PNG whose size differs from its image is resized to the image's size with
 nearest neighbour (ids are kept exactly); segments with the VOID id 0, repeated ids or empty
 masks, and degenerate boxes are dropped.  Each is logged once and counted in `stats`.  A record
-that cannot be read raises `BadSampleError` (the loader skips it).
+that cannot be read raises `BadSampleError` (the loader skips it).  TFDS decodes the images
+itself (its `Image` feature: uint8 RGB, the stored pixels its annotations refer to), so the
+decoder of `data/image.py` has no part here.
 
 For evaluation (`detr_jax.eval_runner`), the datasets are their own ground truth
 (`ground_truth()`): image infos, images, the panoptic id maps (at the image's size; pixels of
@@ -45,7 +47,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from detr_jax.data.coco import OBJECT_FIELDS, BadSampleError, CocoBase, masks_to_boxes, rgb_to_id
+from detr_jax.data.coco import OBJECT_FIELDS, BadSampleError, CocoBase, masks_to_boxes
+from detr_jax.panoptic_format import rgb_to_id
 from detr_jax.labels import panoptic_categories
 
 log = logging.getLogger(__name__)
