@@ -135,7 +135,9 @@ def add_eval_command(subparsers) -> None:
                     "--split SPLIT (DIR/SPLIT/ images, DIR/annotations/instances_SPLIT.json and/or "
                     "panoptic_SPLIT.json with its PNG folder), the explicit paths, or --tfds NAME --split "
                     "validation (TensorFlow Datasets' coco/2017 or coco/2017_panoptic; --max-images takes "
-                    "the first N records).")
+                    "the first N records).  An image that fails (unreadable, its ground truth damaged or of "
+                    "another size) is reported on stderr and left out; the exit code is 1 only when no image "
+                    "could be evaluated.")
     p.add_argument("checkpoint", help="a detr-jax checkpoint folder")
     p.add_argument("--data", help="a COCO root folder")
     p.add_argument("--split", default="val2017")
@@ -170,10 +172,13 @@ def run_eval(args) -> int:
     out = args.out or default_output(args.checkpoint, name)
     write_json(dict(results, checkpoint=str(args.checkpoint)), out)
     failed = results["failed_images"]
-    print(f"{results['num_images']} images in {results['seconds']:.1f} s; results written to {out}"
-          + (f"; {len(failed)} images could not be read" if failed else ""), file=sys.stderr)
+    print(f"{results['num_images']} images evaluated in {results['seconds']:.1f} s; results written to {out}"
+          + (f"; {len(failed)} images failed and are left out:" if failed else ""), file=sys.stderr)
     for image_id, reason in failed.items():
         print(f"  image {image_id}: {reason}", file=sys.stderr)
+    if results["num_images"] == 0:
+        print("detr-jax eval: no image could be evaluated", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -41,10 +41,11 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Proto
 import numpy as np
 
 from detr_jax.config import DataConfig
-from detr_jax.data.coco import BadSampleError, CocoDetection, CocoPanoptic, coco_paths, find_image, read_image
+from detr_jax.data.coco import (BadSampleError, CocoDetection, CocoPanoptic, coco_paths, find_image, read_image,
+                                read_panoptic_png)
 from detr_jax.evaluate import (boxes_to_coco_results, coco_evaluate, load_coco, masks_to_coco_results,
                                panoptic_to_instances)
-from detr_jax.panoptic_quality import merge_pq_stats, pq_average, pq_stats_from_arrays, read_id_map
+from detr_jax.panoptic_quality import merge_pq_stats, pq_average, pq_stats_from_arrays
 from detr_jax.predict import Predictor, coco_panoptic_ids
 
 Dataset = Union[CocoDetection, CocoPanoptic]
@@ -137,8 +138,9 @@ class CocoFolderGroundTruth:
         return self._index[int(image_id)]
 
     def panoptic_gt(self, index: int) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
-        _, png, segments = self.dataset.items[index]
-        return read_id_map(self.dataset.png_dir / png), segments
+        """Raises BadSampleError for a missing or unreadable PNG, or one whose size is not the image's."""
+        info, png, segments = self.dataset.items[index]
+        return read_panoptic_png(self.dataset.png_dir / png, (info["height"], info["width"])), segments
 
     def instances_gt(self, indices: Sequence[int]):
         """The dataset's `instances_json` when set (by `load_dataset`), else built from its own
@@ -201,7 +203,7 @@ def evaluate_model(model, dataset, *, batch_size: int = 1, max_images: Optional[
     predictor.return_masks = predictor.panoptic and gt.has_instance_masks
     count = len(gt) if max_images is None else min(len(gt), max_images)
     image_ids: List[Optional[int]] = []   # by index, filled as the images are read (None: unreadable record)
-    failures: Dict[Any, str] = {}
+    read_failures: Dict[Any, str] = {}    # the reader's reasons, more precise than the Predictor's
     start = time.perf_counter()
 
     def images() -> Iterator[np.ndarray]:
@@ -209,25 +211,23 @@ def evaluate_model(model, dataset, *, batch_size: int = 1, max_images: Optional[
             try:
                 image_ids.append(int(gt.image_info(index)["id"]))
                 yield gt.load_image(index)
-            except BadSampleError as error:
+            except Exception as error:   # noqa: BLE001 (one record never costs the others)
                 if len(image_ids) == index:   # not even the record's id could be read
                     image_ids.append(None)
-                    failures[f"record {index}"] = str(error)
+                    read_failures[f"record {index}"] = _reason(error)
                 else:
-                    failures[image_ids[index]] = str(error)
+                    read_failures[image_ids[index]] = _reason(error)
                 yield np.zeros((0, 0, 3), np.uint8)   # the Predictor reports it; the reason is kept here
 
     def results() -> Iterator[Tuple[int, Dict[str, Any]]]:
         for result in predictor.predict_iter(images(), progress=progress):
             image_id = image_ids[result["index"]]
-            if image_id is None:
-                continue
-            if result["error"] and image_id not in failures:
-                failures[image_id] = result["error"]
-            yield image_id, result
+            if image_id is not None:
+                yield image_id, result
 
     out = evaluate_predictions(results(), dataset)   # the Predictor yields one result per image
-    out["failed_images"] = {str(k): v for k, v in failures.items()}
+    failed = dict(out["failed_images"], **{str(k): v for k, v in read_failures.items()})
+    out["failed_images"] = failed
     out["seconds"] = time.perf_counter() - start
     return out
 
@@ -236,42 +236,78 @@ def evaluate_predictions(results: Iterable[Tuple[int, Mapping[str, Any]]], datas
                          image_ids: Optional[List[int]] = None) -> Dict[str, Any]:
     """Metrics of (image_id, result) pairs in the `Predictor`'s format: `boxes` xyxy in original
     pixels, `scores`, `labels` (category ids); `masks` bool [N, H, W] for mask AP; `id_map` and
-    `segments_info` (0-based ids, as the Predictor's) for PQ.  Failed results (`error` set) count
-    as images without predictions.  `image_ids`: the images evaluated (default: those seen).
+    `segments_info` (0-based ids, as the Predictor's) for PQ.  `image_ids`: the images to evaluate
+    (default: those seen).
+
+    One image never costs the others: a failed result (`error` set), or any failure while scoring
+    an image (its ground-truth PNG missing, unreadable or of another size than the prediction, a
+    predicted segment id absent from `segments_info`, ...) leaves that image out of every metric
+    and puts it in `failed_images` {str(image_id): reason}.  `num_images` counts the images
+    evaluated; with none, no metric is computed.
     """
     gt = ground_truth(dataset)
     box_results: List[Dict[str, Any]] = []
     mask_results: List[Dict[str, Any]] = []
     pq_stats: Dict = {}
-    seen, with_masks, with_panoptic = [], False, False
+    evaluated: List[int] = []
+    failed: Dict[str, str] = {}
+    with_masks, with_panoptic = False, False
     for image_id, result in results:
-        seen.append(int(image_id))
-        failed = bool(result.get("error"))
-        if not failed:
-            box_results += boxes_to_coco_results(image_id, result["boxes"], result["scores"], result["labels"])
-            if "masks" in result and gt.has_instance_masks:
-                with_masks = True
-                mask_results += masks_to_coco_results(image_id, result["masks"], result["scores"],
-                                                      result["labels"])
-        if gt.panoptic and (failed or "id_map" in result):
-            gt_ids, segments = gt.panoptic_gt(gt.index_of(image_id))
-            if failed:  # no prediction: every ground-truth segment is missed
-                pred_ids, pred_segments = np.zeros_like(gt_ids), []
-            else:
-                with_panoptic = True
-                pred_ids, pred_segments = coco_panoptic_ids(result["id_map"], result["segments_info"])
-                pred_ids, pred_segments = _known_categories(pred_ids, pred_segments, gt.isthing)
-            pq_stats = merge_pq_stats(pq_stats, pq_stats_from_arrays(
-                gt_ids, segments, pred_ids, pred_segments, gt.categories, image_id=image_id))
-    image_ids = seen if image_ids is None else [int(i) for i in image_ids]
-    coco_gt = load_coco(gt.instances_gt([gt.index_of(i) for i in image_ids]))
-    out: Dict[str, Any] = {"num_images": len(image_ids)}
-    out["bbox"] = coco_evaluate(coco_gt, box_results, "bbox", image_ids=image_ids)
+        image_id = int(image_id)
+        if result.get("error"):
+            failed[str(image_id)] = str(result["error"])
+            continue
+        try:
+            scored = _score_image(gt, image_id, result)
+        except Exception as error:   # noqa: BLE001 (reported, and the evaluation goes on)
+            failed[str(image_id)] = _reason(error)
+            continue
+        evaluated.append(image_id)
+        box_results += scored["boxes"]
+        if scored["masks"] is not None:
+            with_masks, mask_results = True, mask_results + scored["masks"]
+        if scored["pq"] is not None:
+            with_panoptic, pq_stats = True, merge_pq_stats(pq_stats, scored["pq"])
+    if image_ids is not None:
+        evaluated = [int(i) for i in image_ids if str(int(i)) not in failed]
+    out: Dict[str, Any] = {"num_images": len(evaluated), "failed_images": failed}
+    if not evaluated:
+        return out
+    coco_gt = load_coco(gt.instances_gt([gt.index_of(i) for i in evaluated]))
+    out["bbox"] = coco_evaluate(coco_gt, box_results, "bbox", image_ids=evaluated)
     if with_masks:
-        out["segm"] = coco_evaluate(coco_gt, mask_results, "segm", image_ids=image_ids)
+        out["segm"] = coco_evaluate(coco_gt, mask_results, "segm", image_ids=evaluated)
     if with_panoptic:
         out["panoptic"] = pq_average(pq_stats, gt.categories)
     return out
+
+
+def _score_image(gt: "GroundTruth", image_id: int, result: Mapping[str, Any]) -> Dict[str, Any]:
+    """One image's COCO box results, mask results (None without masks) and PQ sums (None without
+    a panoptic prediction); raises on anything wrong with the image, its ground truth or result.
+    On panoptic data the ground-truth PNG is read even for box-only results: the instances ground
+    truth is built from it."""
+    index = gt.index_of(image_id)
+    scored: Dict[str, Any] = {"boxes": boxes_to_coco_results(image_id, result["boxes"], result["scores"],
+                                                             result["labels"]), "masks": None, "pq": None}
+    if "masks" in result and gt.has_instance_masks:
+        scored["masks"] = masks_to_coco_results(image_id, result["masks"], result["scores"], result["labels"])
+    if gt.panoptic:
+        gt_ids, segments = gt.panoptic_gt(index)
+        if "id_map" in result:
+            pred_ids, pred_segments = coco_panoptic_ids(result["id_map"], result["segments_info"])
+            pred_ids, pred_segments = _known_categories(pred_ids, pred_segments, gt.isthing)
+            scored["pq"] = pq_stats_from_arrays(gt_ids, segments, pred_ids, pred_segments, gt.categories,
+                                                image_id=image_id)
+    return scored
+
+
+def _reason(error: BaseException) -> str:
+    """A failure's reason as reported: the message, with the kind when the message alone is bare."""
+    text = str(error)
+    if isinstance(error, (BadSampleError, OSError)) and text:
+        return text
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _known_categories(ids: np.ndarray, segments, known: Mapping[int, bool]):

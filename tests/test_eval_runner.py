@@ -98,3 +98,73 @@ def test_evaluate_model_takes_config_and_variables_as_the_train_loop_has_them(ti
                              short_side=SIDES["short_side"], max_size=SIDES["max_size"],
                              bucket_multiple=SIDES["bucket_multiple"])
     assert results["num_images"] == 2 and {"bbox", "segm", "panoptic"} <= set(results)
+
+
+# ---- one image never costs the others ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def damaged_set(tmp_path_factory):
+    """The awkward set (every kind of image, tests/awkward_set.py) with its panoptic ground truth
+    damaged in each way: a missing PNG, a truncated one, one of another size, a grey one."""
+    from PIL import Image
+
+    from awkward_set import write_awkward_set
+
+    s = write_awkward_set(tmp_path_factory.mktemp("damaged"))
+    pngs = s["pngs"]
+    (pngs / "rgb.png").unlink()
+    (pngs / "grey.png").write_bytes((pngs / "grey.png").read_bytes()[:40])
+    Image.open(pngs / "palette.png").resize((5, 5)).save(pngs / "palette.png")
+    Image.open(pngs / "bilevel.png").convert("L").save(pngs / "bilevel.png")
+    s["reasons"] = {"rgb": "rgb.png", "grey": "grey.png", "palette": "5x5 .*its image 12x16",
+                    "bilevel": "must be RGB", "exif_neither": "annotation says 10x10 .*upright 16x12",
+                    "wrong_size": "annotation says 13x16", "truncated": "truncated", "missing": "no such file"}
+    return s
+
+
+def test_eval_reports_each_failed_image_and_evaluates_the_rest(tiny_checkpoint, damaged_set, tmp_path, capsys):  # noqa: F811
+    import re
+
+    from awkward_set import KINDS
+
+    out = tmp_path / "eval.json"
+    code = cli.main(["eval", str(tiny_checkpoint), "--images", str(damaged_set["images"]),
+                     "--panoptic-json", str(damaged_set["panoptic"]), "--panoptic-dir", str(damaged_set["pngs"]),
+                     "--annotations", str(damaged_set["instances"]), "--short-side", str(SIDES["short_side"]),
+                     "--max-size", str(SIDES["max_size"]), "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr()
+    assert code == 0
+    assert "| box |" in printed.out and "PQ" in printed.out
+    results = json.loads(out.read_text())
+    reasons = damaged_set["reasons"]
+    failed = {kind: results["failed_images"].get(str(damaged_set["ids"][kind])) for kind in reasons}
+    for kind, pattern in reasons.items():
+        assert failed[kind] is not None and re.search(pattern, failed[kind]), (kind, failed[kind])
+        assert failed[kind] in printed.err
+    assert len(results["failed_images"]) == len(reasons)
+    assert results["num_images"] == len(KINDS) - len(reasons)
+    assert {"bbox", "segm", "panoptic"} <= set(results)
+
+
+def test_eval_exits_non_zero_only_when_no_image_could_be_evaluated(tiny_checkpoint, tmp_path, capsys):  # noqa: F811
+    images = tmp_path / "images"
+    images.mkdir()
+    gt = {"images": [{"id": 1, "file_name": "gone.jpg", "height": 8, "width": 8}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "area": 16, "iscrowd": 0}],
+          "categories": [{"id": 1, "name": "a"}]}
+    (tmp_path / "instances.json").write_text(json.dumps(gt))
+    code = cli.main(["eval", str(tiny_checkpoint), "--images", str(images), "--annotations",
+                     str(tmp_path / "instances.json"), "--out", str(tmp_path / "eval.json"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "no image could be evaluated" in err and "gone.jpg" in err
+
+
+def test_a_predicted_segment_missing_from_segments_info_fails_that_image_only(synthetic_root):
+    dataset = load_dataset(str(synthetic_root), "val2017")
+    results = ground_truth_results(dataset)
+    bad_id, bad = results[1]
+    bad = dict(bad, segments_info=bad["segments_info"][:-1])   # the last segment's pixels are unlisted
+    metrics = evaluate_predictions([results[0], (bad_id, bad)] + results[2:], dataset)
+    assert list(metrics["failed_images"]) == [str(bad_id)]
+    assert "present in the PNG" in metrics["failed_images"][str(bad_id)]
+    assert metrics["num_images"] == 3 and metrics["panoptic"]["All"]["pq"] == pytest.approx(1.0)
+    assert metrics["bbox"]["AP"] == pytest.approx(1.0)
