@@ -54,7 +54,7 @@ def make_batch(batch: int, h: int, w: int, slots: int, seed: int = 0) -> Dict[st
             "pixel_mask": np.ones((batch, h, w), bool),
             "labels": rng.integers(0, 250, (batch, slots)).astype(np.int32),
             "boxes": np.where(valid[..., None], boxes, 0).astype(np.float32), "valid": valid,
-            "masks": (rng.uniform(size=(batch, slots, h, w)) < 0.1) & valid[..., None, None]}
+            "sample_valid": np.ones(batch, bool), "masks": (rng.uniform(size=(batch, slots, h, w)) < 0.1) & valid[..., None, None]}
 
 
 def fixed_match(outputs, targets, **unused):

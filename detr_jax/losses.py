@@ -14,7 +14,10 @@ and returns a dict of scalar terms, the same keys as the original returns:
 * `<name>_<i>` for each aux output i (labels, boxes, cardinality; no mask or class_error).
 * `loss`: the weighted total; the weights (from `LossConfig`) are applied in `weighted_total` only.
 
-`num_boxes = max(number of valid targets, 1)`.  Data parallel (`axis_name` given, inside
+`num_boxes = max(number of valid targets, 1)`.  A row with `targets["sample_valid"]` False (a
+filler row of the loader, standing in for an unreadable sample) counts for nothing: none of its
+targets is valid, its queries leave the cross-entropy, and the cardinality error is the mean
+over the valid rows, so that the losses and gradients are those of the batch without that row.  Data parallel (`axis_name` given, inside
 `pmap`/`shard_map`): normalizers (`num_boxes`, the CE weight sum) and the metrics use the
 totals over the axis; each loss term is this device's share scaled by the number of devices, so
 that its `pmean` over the axis, and the `pmean` of its gradients, equal those of the global
@@ -60,13 +63,15 @@ def _gather_queries(values: Array, match: Array) -> Array:
 def _detection_sums(logits: Array, boxes: Array, match: Array, targets: Dict[str, Array],
                     eos_coef: float) -> Dict[str, Array]:
     """Unnormalized sums of one decoder layer: logits `[B, Q, C+1]`, boxes `[B, Q, 4]`,
-    match `[B, Q]`.  Returns scalars: ce_num, ce_den, l1, giou, correct, matched, card_abs."""
+    match `[B, Q]`, over the rows with `targets["sample_valid"]` `[B]`.  Returns scalars:
+    ce_num, ce_den, l1, giou, correct, matched, card_abs."""
     no_object = logits.shape[-1] - 1
     matched = match >= 0
     target_class = jnp.where(matched, _gather_queries(targets["labels"], match), no_object)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, target_class[..., None], axis=-1)[..., 0]
     weight = jnp.where(target_class == no_object, eos_coef, 1.0).astype(jnp.float32)
+    weight = jnp.where(targets["sample_valid"][:, None], weight, 0.0)
 
     predicted = jnp.argmax(logits, axis=-1)
     num_objects = jnp.sum(predicted != no_object, axis=-1)
@@ -86,7 +91,8 @@ def _detection_sums(logits: Array, boxes: Array, match: Array, targets: Dict[str
         "giou": jnp.sum(jnp.where(matched, 1.0 - giou, 0.0)),
         "correct": jnp.sum(matched & (predicted == target_class)).astype(jnp.float32),
         "matched": jnp.sum(matched).astype(jnp.float32),
-        "card_abs": jnp.sum(jnp.abs(num_objects - num_targets)).astype(jnp.float32),
+        "card_abs": jnp.sum(jnp.where(targets["sample_valid"], jnp.abs(num_objects - num_targets), 0)
+                            ).astype(jnp.float32),
     }
 
 
@@ -166,6 +172,16 @@ def _mask_sums(pred_masks: Optional[Array], match: Array, targets: Dict[str, Arr
             "dice": jnp.sum(jnp.where(used, unchunk(dice), 0.0))}
 
 
+def with_sample_valid(targets: Dict[str, Array]) -> Dict[str, Array]:
+    """Targets whose rows with `sample_valid` False `[B]` (the loader's filler rows) have no valid
+    target; `sample_valid` all True when absent.  Those rows then match nothing and take no part
+    in any term: their cross-entropy weight and cardinality are masked in `_detection_sums`."""
+    valid = targets["valid"]
+    sample_valid = targets.get("sample_valid")
+    sample_valid = jnp.ones(valid.shape[:1], bool) if sample_valid is None else jnp.asarray(sample_valid, bool)
+    return dict(targets, valid=valid & sample_valid[:, None], sample_valid=sample_valid)
+
+
 def set_criterion(outputs: Dict, targets: Dict[str, Array], config: LossConfig = LossConfig(),
                   axis_name: Optional[str] = None,
                   mask_fn: Optional[Callable[[Array], Array]] = None) -> Dict[str, Array]:
@@ -176,7 +192,7 @@ def set_criterion(outputs: Dict, targets: Dict[str, Array], config: LossConfig =
     queries `[B, M]` (the query matched to each target slot; any query for an unused slot), in
     place of `outputs["pred_masks"]`: the same losses from masks of the matched queries only.
     """
-    targets = ensure_target_slot(targets)
+    targets = with_sample_valid(ensure_target_slot(targets))
     layers = [outputs]
     if config.aux_loss:
         layers = list(outputs.get("aux_outputs", ())) + layers       # aux 0..L-2, then final
@@ -199,7 +215,8 @@ def set_criterion(outputs: Dict, targets: Dict[str, Array], config: LossConfig =
     ce = sums["ce_num"] / (total(sums["ce_den"]) / num_devices)
     correct, matched = total(sums["correct"]), total(sums["matched"])
     class_error = jnp.where(matched > 0, 100 - 100 * correct / jnp.maximum(matched, 1.0), 100.0)
-    cardinality = total(sums["card_abs"]) / total(float(match.shape[1]))
+    num_samples = jnp.maximum(total(jnp.sum(targets["sample_valid"]).astype(jnp.float32)), 1.0)
+    cardinality = total(sums["card_abs"]) / num_samples
     terms = {"loss_ce": ce, "loss_bbox": sums["l1"] / num_boxes,
              "loss_giou": sums["giou"] / num_boxes, "cardinality_error": cardinality}
 

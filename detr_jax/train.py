@@ -46,7 +46,7 @@ from detr_jax.train_state import Checkpoints, TrainState, create_train_state, lo
 log = logging.getLogger(__name__)
 AXIS = "batch"              # the pmap axis: gradients and metrics are averaged over it
 MODEL_INPUTS = ("pixel_values", "pixel_mask")
-TARGETS = ("labels", "boxes", "valid")
+TARGETS = ("labels", "boxes", "valid", "sample_valid")
 EvalFn = Callable[[Dict[str, Any], int], Optional[Dict[str, float]]]
 
 
@@ -71,7 +71,7 @@ def make_train_step(model: DETR, loss_config: LossConfig, optimizer: optax.Gradi
     """`train_step(state, batch, rng) -> (state, metrics)`, pure; `axis_name=None` outside pmap.
 
     batch: pixel_values [B, H, W, 3], pixel_mask [B, H, W], labels [B, M], boxes [B, M, 4],
-    valid [B, M] and, with mask losses, masks [B, M, H, W].  rng: the run's base key (uint32 [2]);
+    valid [B, M], sample_valid [B] and, with mask losses, masks [B, M, H, W].  rng: the run's base key (uint32 [2]);
     dropout draws from `fold_in(fold_in(rng, step), device index)`.  metrics: every term of
     `set_criterion`, `grad_norm` (trainable gradients, before clipping) and `lr`, averaged over
     the devices.

@@ -132,6 +132,27 @@ def test_padding_does_not_change_anything():
         assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-6), key
 
 
+def test_an_invalid_row_counts_for_nothing():
+    """A batch with a filler row (sample_valid False, targets of its own) gives the losses and
+    gradients of the batch without that row, and no gradient reaches the filler row."""
+    outputs, targets = synthetic(np.random.default_rng(7), counts=(2, 3, 1), num_aux=1)
+    flagged = dict(targets, sample_valid=np.array([True, False, True]))
+    keep = np.array([0, 2])
+    without = {k: v[keep] for k, v in targets.items()}
+    without_outputs = jax.tree.map(lambda x: x[keep], outputs)
+    terms, grads = loss_and_grads(outputs, flagged, MASKS_AUX)
+    expected_terms, expected_grads = loss_and_grads(without_outputs, without, MASKS_AUX)
+    assert set(terms) == set(expected_terms)
+    for key in terms:
+        assert float(terms[key]) == pytest.approx(float(expected_terms[key]), rel=1e-6, abs=1e-7), key
+    for path, got, expected in zip(jax.tree_util.tree_leaves_with_path(grads),
+                                   jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
+        np.testing.assert_allclose(np.asarray(got)[keep], expected, rtol=1e-5, atol=1e-7, err_msg=str(path[0]))
+        assert not np.asarray(got)[1].any(), path[0]
+    all_valid = loss_and_grads(outputs, targets, MASKS_AUX)[0]
+    assert float(all_valid["loss"]) != pytest.approx(float(terms["loss"]))   # the row did count before
+
+
 def test_no_targets_at_all_is_finite_with_zero_box_gradients():
     outputs, _ = synthetic(np.random.default_rng(4))
     empty = {"labels": np.zeros((3, 0), np.int32), "boxes": np.zeros((3, 0, 4), np.float32),

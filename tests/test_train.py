@@ -210,7 +210,8 @@ def test_masks_of_the_matched_queries_only_give_the_same_step(monkeypatch):
             (np.abs(xx - centers[..., 0, None, None]) < sizes[..., 0, None, None] / 2)
     batch = dict(pixel_values=rng.normal(size=(2, 64, 64, 3)).astype(np.float32), pixel_mask=np.ones((2, 64, 64), bool),
                  labels=np.where(valid, rng.integers(1, 10, (2, 8)), 0).astype(np.int32),
-                 boxes=np.concatenate([centers, sizes], -1).astype(np.float32), valid=valid, masks=masks & valid[..., None, None])
+                 boxes=np.concatenate([centers, sizes], -1).astype(np.float32), valid=valid, masks=masks & valid[..., None, None],
+                 sample_valid=np.ones(2, bool))
     init_rng, step_rng = run_keys(0)
     optimizer = optim.make_optimizer(init_variables(model_config, init_rng)["params"], config.train, 1)
     state = train_module.initial_state(config, model_config, optimizer, None, init_rng)
