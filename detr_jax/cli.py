@@ -89,7 +89,8 @@ def add_train_command(subparsers) -> None:
     add_tfds_arguments(p)
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, the final model/")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue from the latest checkpoint in --workdir (default)")
+                   help="continue from the latest checkpoint in --workdir that restores (default; damaged "
+                        "newer ones are reported and moved to WORKDIR/checkpoints_damaged)")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--batch-size", type=int, help="global batch over all devices and hosts")
     p.add_argument("--stage", choices=("all", "detection", "masks"), help="default: the config's (all)")
@@ -103,6 +104,7 @@ def add_train_command(subparsers) -> None:
     p.add_argument("--eval-every", type=int, help="evaluate every N steps and at the end (process 0)")
     p.add_argument("--eval-split", help="the split evaluated (default val2017; with --tfds: validation)")
     p.add_argument("--eval-max-images", type=int, help="evaluate the first N images only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=lambda args, rest: run_train(args))
 
 
@@ -121,7 +123,8 @@ def run_train(args) -> int:
               max_steps=args.max_steps, stage=args.stage, init_from=args.init_from, resume=args.resume,
               coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
               data=args.data, split=args.split, images=args.images, annotations=args.annotations,
-              panoptic_dir=args.panoptic_dir, **{k: v for k, v in optional.items() if v is not None})
+              panoptic_dir=args.panoptic_dir, progress=not args.no_progress,
+              **{k: v for k, v in optional.items() if v is not None})
     return 0
 
 

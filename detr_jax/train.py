@@ -308,8 +308,8 @@ def train(config: Config, workdir, train_data, *, resume: bool = True, max_steps
                               f"use another workdir")
     state = initial_state(config, model_config, optimizer, None if latest else init_from, init_rng)
     if latest is not None:
-        state = checkpoints.restore(latest, state)
-        log.warning("resumed from %s/%d", checkpoints.directory, latest)
+        state = checkpoints.restore_latest(state)   # past damaged ones, never from scratch
+        log.warning("resumed from %s/%d", checkpoints.directory, int(state.step))
     start = int(state.step)
     if primary:
         (workdir / "config.json").write_text(to_json(config))
@@ -429,12 +429,12 @@ def build_eval_fn(config: Config, eval_split: str = "val2017", max_images: Optio
 def run(config_name: str, workdir, *, num_classes=None, batch_size=None, max_steps=None, stage=None,
         init_from=None, resume=True, coordinator_address=None, num_processes=None, process_id=None,
         eval_every: Optional[int] = None, eval_max_images: Optional[int] = None, eval_split: str = "val2017",
-        **data_args) -> Dict[str, Any]:
+        progress: bool = True, **data_args) -> Dict[str, Any]:
     """`detr-jax train`: load the config, apply the overrides, join the hosts, build the data, train.
 
     num_classes: an int, or "auto" for the dataset's (fine-tuning on another label set).
     eval_every: evaluate (box AP, segm AP, PQ) every N steps and at the end on `eval_split`, the
-    first `eval_max_images` images, on process 0 (`build_eval_fn`).
+    first `eval_max_images` images, on process 0 (`build_eval_fn`).  progress: the progress bar.
     data_args: `build_dataset`'s (data, split, images, annotations, panoptic_dir, tfds, tfds_data_dir).
     """
     from detr_jax.config import load_config
@@ -457,4 +457,4 @@ def run(config_name: str, workdir, *, num_classes=None, batch_size=None, max_ste
     if eval_every and jax.process_index() == 0:
         eval_fn = build_eval_fn(config, eval_split, eval_max_images, **data_args)
     return train(config, workdir, dataset, resume=resume, init_from=init_from, eval_fn=eval_fn,
-                 eval_every=eval_every)
+                 eval_every=eval_every, progress=progress)

@@ -42,6 +42,17 @@ class TrainState:
     opt_state: Any
 
 
+REASON_CHARS = 300   # how much of a restore error a log line quotes
+
+
+def _first_line(error: BaseException) -> str:
+    """`Kind: message`, its first line without tensorstore's spec dump, at most REASON_CHARS."""
+    lines = str(error).strip().splitlines()
+    text = lines[0].split(" [tensorstore_spec")[0] if lines else ""
+    text = text if len(text) <= REASON_CHARS else text[:REASON_CHARS] + " ..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 class IncompatibleCheckpointError(ValueError):
     """`init_from` does not fit the model: names the missing, unexpected and mis-shaped arrays."""
 
@@ -103,12 +114,22 @@ def create_train_state(variables: Dict[str, Any], optimizer) -> TrainState:
                       buffers=jax.tree.map(np.asarray, variables.get("buffers", {})), opt_state=opt_state)
 
 
+class CheckpointRestoreError(RuntimeError):
+    """No checkpoint of a workdir that holds some can be restored: names each step and its error."""
+
+
 class Checkpoints:
     """Periodic training checkpoints in `workdir/checkpoints/<step>` (orbax CheckpointManager).
 
     Saving is asynchronous (training goes on while the files are written); the last `keep` are
     kept.  Every process calls `save`/`restore` with the same host (numpy) state; in a multi-host
     run the folder must be on a filesystem all hosts share.
+
+    Resuming (`restore_latest`) survives damaged checkpoints: a newest one that cannot be restored
+    (truncated or missing files) is reported in one line and moved aside to
+    `workdir/checkpoints_damaged/<step>` (process 0), and the next newer one is tried; that is
+    what keeping several is for.  When none restores, it stops with `CheckpointRestoreError`: a
+    workdir with checkpoints never silently starts from scratch.
     """
 
     def __init__(self, workdir, keep: int):
@@ -116,6 +137,7 @@ class Checkpoints:
 
         self._ocp = ocp
         self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        self.damaged_directory = self.directory.with_name("checkpoints_damaged")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -136,6 +158,43 @@ class Checkpoints:
         args = self._ocp.args.Composite(state=self._ocp.args.StandardRestore(target))
         restored = self.manager.restore(step, args=args)["state"]
         return jax.tree.map(np.asarray, restored)
+
+    def restore_latest(self, target: TrainState) -> TrainState:
+        """The newest checkpoint that restores (see the class docstring), in the structure of
+        `target`; raises CheckpointRestoreError when there are checkpoints and none restores,
+        ValueError when there are none."""
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
+            raise ValueError(f"{self.directory} holds no checkpoint")
+        errors: List[str] = []
+        for step in steps:
+            try:
+                return self.restore(step, target)
+            except Exception as error:   # noqa: BLE001 (orbax raises many kinds for damaged files)
+                reason = _first_line(error)
+                errors.append(f"step {step}: {reason}")
+                log.warning("checkpoint step %d in %s cannot be restored (%s); moved to %s, trying an older one",
+                            step, self.directory, reason, self.damaged_directory)
+                self._set_aside(step)
+        raise CheckpointRestoreError(f"no checkpoint in {self.directory} can be restored (they are now in "
+                                     f"{self.damaged_directory}):\n  " + "\n  ".join(errors) +
+                                     "\nrestore them, or train in another workdir")
+
+    def _set_aside(self, step: int) -> None:
+        """Moves a damaged checkpoint out of the manager's folder, so that the run can save that
+        step again (process 0; every process then re-reads the folder)."""
+        if jax.process_index() == 0:
+            self.damaged_directory.mkdir(parents=True, exist_ok=True)
+            destination = self.damaged_directory / str(step)
+            suffix = 1
+            while destination.exists():
+                destination, suffix = self.damaged_directory / f"{step}.{suffix}", suffix + 1
+            (self.directory / str(step)).rename(destination)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"detr_jax checkpoint {step} set aside")
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
