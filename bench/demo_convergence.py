@@ -1,4 +1,4 @@
-"""Box AP of the demo's detector (stage 1 of `configs/demo.py`) against training steps.
+"""Box AP of the demo's detector (stage 1 of `detr_jax/configs/demo.py`) against training steps.
 
 Trains the demo's detection stage for `--steps` steps (lr drop at 90 % of them) on the synthetic
 dataset of `detr-jax demo` (generated under `--data` if absent), evaluating box AP on its 64

@@ -80,7 +80,7 @@ def add_train_command(subparsers) -> None:
                     "--stage detection, then --stage masks --init-from WORKDIR1/model.  Multi-host: "
                     "--coordinator HOST:PORT --num-processes N --process-id I (or JAX_COORDINATOR_ADDRESS, "
                     "JAX_NUM_PROCESSES, JAX_PROCESS_ID) on every host.")
-    p.add_argument("--config", required=True, help="configs/NAME.py by NAME, or a path to such a file")
+    p.add_argument("--config", required=True, help="NAME of a config in detr_jax/configs/ (e.g. detr_r50), or a path to your own config file")
     p.add_argument("--data", help="COCO root: SPLIT/ images and annotations/")
     p.add_argument("--split", default="train2017")
     p.add_argument("--images", help="image folder (with --annotations)")
@@ -189,10 +189,10 @@ def add_demo_command(subparsers) -> None:
     p = subparsers.add_parser("demo", help="generate synthetic data, train a small panoptic DETR, evaluate, draw",
                               description="The embedded default job (see detr_jax/demo.py); resumes if interrupted.")
     p.add_argument("--workdir", default="demo", help="data, checkpoints, metrics and pictures go here")
-    p.add_argument("--max-steps", type=int, help="train steps of each of the two stages (default: configs/demo.py)")
+    p.add_argument("--max-steps", type=int, help="train steps of each of the two stages (default: detr_jax/configs/demo.py)")
     p.add_argument("--schedule", default="default",
                    help='"default" (about 14 minutes on 2 cores) or "long" (about an hour: box AP 53.3, PQ 53.4 '
-                        'in one run; SCHEDULES in configs/demo.py)')
+                        'in one run; SCHEDULES in detr_jax/configs/demo.py)')
     p.add_argument("--no-progress", action="store_true")
 
     def run(args, rest) -> int:

@@ -1,14 +1,18 @@
 """Typed configuration of detr-jax.  Every default lives here, once.
 
 Configs are frozen dataclasses grouped by concern (model, loss, data, train).  The files in
-`configs/` build them with `get_config()`; checkpoints store `ModelConfig` as JSON beside the
-parameters (`to_dict` / `from_dict`).
+`detr_jax/configs/` (inside the package, so an installed wheel has them) build them with
+`get_config()`; `load_config` takes such a name or the path to a config file of one's own.
+Checkpoints store `ModelConfig` as JSON beside the parameters (`to_dict` / `from_dict`).
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
-from typing import Any, Dict, Optional, Tuple, Type, TypeVar
+import os
+import pathlib
+from typing import Any, Dict, List, Optional, Tuple, Type, TypeVar, Union
 
 T = TypeVar("T")
 
@@ -136,7 +140,7 @@ class TrainConfig:
     lr_backbone: float = 1e-5       # parameters under `backbone/`
     weight_decay: float = 1e-4      # decoupled (AdamW), on every trainable parameter
     adam_eps: float = 1e-8          # AdamW epsilon (PyTorch's default); small-gradient parameters such as
-                                    # bbox_attention need less under strong clipping (see configs/demo.py)
+                                    # bbox_attention need less under strong clipping (see detr_jax/configs/demo.py)
     clip_max_norm: float = 0.1      # global norm of the trainable gradients; 0 disables
     lr_drop_epochs: int = 200       # the lr is multiplied by lr_drop_factor from this epoch on ...
     lr_drop_step: Optional[int] = None  # ... or from this step, when given
@@ -176,7 +180,7 @@ def from_dict(cls: Type[T], d: Dict[str, Any]) -> T:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """One experiment: what `configs/NAME.py:get_config()` returns."""
+    """One experiment: what `detr_jax/configs/NAME.py:get_config()` returns."""
 
     name: str
     model: ModelConfig = ModelConfig()
@@ -185,27 +189,31 @@ class Config:
     train: TrainConfig = TrainConfig()
 
 
-CONFIG_DIR = __import__("pathlib").Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"   # the package's own configs
 
 
-def load_config_module(name_or_path: str):
-    """The module of `configs/NAME.py` by name, or of any path to such a file (its `get_config()`
-    and whatever else it defines, such as the demo's `MASK_STAGE`)."""
-    import importlib.util
-    import pathlib
+def known_configs() -> List[str]:
+    """Names of the configs shipped in `detr_jax/configs/`."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
 
+
+def load_config_module(name_or_path: Union[str, os.PathLike]):
+    """The module of `detr_jax/configs/NAME.py` by name, or of any path to a config file (its
+    `get_config()` and whatever else it defines, such as the demo's `MASK_STAGE`)."""
     path = pathlib.Path(name_or_path)
     if path.suffix != ".py":
         path = CONFIG_DIR / f"{name_or_path}.py"
-    if not path.is_file():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
-        raise FileNotFoundError(f"no config {name_or_path!r}; known: {known}")
+        if not path.is_file():
+            raise FileNotFoundError(f"no config named {str(name_or_path)!r}; known: {known_configs()} "
+                                    f"(or give the path to a .py file with get_config())")
+    elif not path.is_file():
+        raise FileNotFoundError(f"no config file {path}")
     spec = importlib.util.spec_from_file_location(f"detr_jax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def load_config(name_or_path: str) -> Config:
-    """`configs/NAME.py` by name (e.g. "detr_r50_dc5_panoptic") or any path to such a file."""
+def load_config(name_or_path: Union[str, os.PathLike]) -> Config:
+    """`detr_jax/configs/NAME.py` by name (e.g. "detr_r50_dc5_panoptic") or a path to a config file."""
     return load_config_module(name_or_path).get_config()

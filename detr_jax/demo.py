@@ -1,7 +1,7 @@
 """`detr-jax demo`: the embedded default job, runnable offline on a fresh CPU machine.
 
 Generates the synthetic COCO-panoptic dataset (`detr_jax.data.synthetic`) if absent, trains the
-small panoptic DETR of `configs/demo.py` from scratch in the paper's two stages (the detector on
+small panoptic DETR of `detr_jax/configs/demo.py` from scratch in the paper's two stages (the detector on
 the panoptic boxes, then the mask head alone with the detector frozen), evaluates it on the
 held-out images (box AP, segm AP, PQ), draws predictions next to the ground truth, and prints
 where everything is.  Interrupted runs resume from the last checkpoint of the running stage.
@@ -34,12 +34,12 @@ STAGES = ("detection", "masks")
 
 
 def schedules() -> List[str]:
-    """Names of the demo's training schedules (`SCHEDULES` of configs/demo.py)."""
+    """Names of the demo's training schedules (`SCHEDULES` of detr_jax/configs/demo.py)."""
     return list(load_config_module("demo").SCHEDULES)
 
 
 def demo_stages(max_steps: Optional[int] = None, schedule: str = "default") -> List[Tuple[str, Config]]:
-    """[(stage name, config)] of the two training stages of `configs/demo.py`: the detector
+    """[(stage name, config)] of the two training stages of `detr_jax/configs/demo.py`: the detector
     (`get_config()` as it is), then the mask head with `MASK_STAGE`'s overrides of the train
     config; `schedule` (a key of its `SCHEDULES`) overrides the steps of each.  `max_steps` caps
     the steps of each stage (a shortened demo)."""
