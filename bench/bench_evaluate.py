@@ -20,8 +20,9 @@ import time
 import numpy as np
 from PIL import Image
 
-from detr_jax.evaluate import boxes_to_coco_results, coco_evaluate
-from detr_jax.panoptic_quality import id_to_rgb, pq_compute, pq_stats_from_arrays
+from detr_jax.evaluation.coco import boxes_to_coco_results, coco_evaluate
+from detr_jax.evaluation.pq import pq_compute, pq_stats_from_arrays
+from detr_jax.panoptic_format import id_to_rgb
 
 HEIGHT, WIDTH = 480, 640
 THINGS, STUFF = list(range(1, 81)), list(range(92, 145))

@@ -37,7 +37,7 @@ def main() -> None:
     from detr_jax.data.coco import CocoPanoptic
     from detr_jax.data.synthetic import ensure_synthetic
     from detr_jax.demo import DATASET, demo_stages
-    from detr_jax.eval_runner import make_eval_fn
+    from detr_jax.evaluation.runner import make_eval_fn
     from detr_jax.train import stage_configs, train
 
     (_, config), _ = demo_stages()

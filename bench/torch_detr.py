@@ -327,8 +327,8 @@ def _segment_map(masks: Tensor, merge: List[List[int]], size: Tuple[int, int], f
     """masks [K, h*w] -> (id map [H0, W0] int64 tensor, PIL image of the PNG), as the original:
     per-pixel argmax of the softmax over the kept queries, stuff duplicates merged into the first,
     resized to the original size with PIL NEAREST through the RGB encoding (panopticapi's
-    id2rgb / rgb2id, as detr_jax.panoptic_quality has them)."""
-    from detr_jax.panoptic_quality import id_to_rgb, rgb_to_id
+    id2rgb / rgb2id, as detr_jax.evaluation.pq has them)."""
+    from detr_jax.panoptic_format import id_to_rgb, rgb_to_id
 
     h, w = size
     if masks.shape[0] == 0:

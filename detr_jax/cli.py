@@ -58,7 +58,8 @@ def add_runtime_arguments(p) -> None:
 
 
 def run_predict(args) -> int:
-    from detr_jax.predict import DETECTION_THRESHOLD, Predictor, list_images, predict_to_folder
+    from detr_jax.predict import DETECTION_THRESHOLD, Predictor, list_images
+    from detr_jax.results_io import predict_to_folder
 
     paths = list_images(args.images)
     if not paths:
@@ -174,8 +175,8 @@ def add_eval_command(subparsers) -> None:
 
 
 def run_eval(args) -> int:
-    from detr_jax.eval_runner import default_output, evaluate_model, load_dataset, write_json
-    from detr_jax.evaluate import format_results
+    from detr_jax.evaluation.runner import default_output, evaluate_model, load_dataset, write_json
+    from detr_jax.evaluation.coco import format_results
 
     dataset = load_dataset(args.data, args.split, images=args.images, annotations=args.annotations,
                            panoptic_json=args.panoptic_json, panoptic_dir=args.panoptic_dir, tfds=args.tfds,

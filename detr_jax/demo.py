@@ -130,8 +130,8 @@ def run_demo(workdir="demo", *, max_steps: Optional[int] = None, num_pictures: i
     from detr_jax.runtime import load
     from detr_jax.data.coco import CocoPanoptic
     from detr_jax.data.synthetic import ensure_synthetic
-    from detr_jax.eval_runner import evaluate_model
-    from detr_jax.evaluate import format_results
+    from detr_jax.evaluation.runner import evaluate_model
+    from detr_jax.evaluation.coco import format_results
     from detr_jax.train import train
 
     workdir = pathlib.Path(workdir).absolute()

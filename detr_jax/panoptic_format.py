@@ -1,7 +1,9 @@
 """The COCO panoptic PNG codec: segment id <-> RGB colour, id = R + 256 G + 256^2 B.
 
 Id 0 (`VOID`) is unlabeled; ids lie in [0, 2**24).  Post-processing writes PNGs with
-`id_to_rgb`, the data readers and evaluation read them with `read_id_map`.
+`id_to_rgb`, the data readers and evaluation read them with `read_id_map`.  A `Predictor`'s
+results number segments 0, 1, ... as the original's PostProcessPanoptic does; `coco_panoptic_ids`
+shifts them by one into this format.
 
     ids = rgb_to_id(np.asarray(Image.open("000000000139.png")))   # int64 [H, W]
     rgb = id_to_rgb(ids)                                           # uint8 [H, W, 3]
@@ -9,7 +11,7 @@ Id 0 (`VOID`) is unlabeled; ids lie in [0, 2**24).  Post-processing writes PNGs 
 from __future__ import annotations
 
 import os
-from typing import Union
+from typing import Any, List, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -56,3 +58,12 @@ def read_id_map(path: Union[str, os.PathLike]) -> np.ndarray:
         return rgb_to_id(pixels)
     except ValueError as error:
         raise PanopticPngError(f"{path}: {error} (mode {image.mode})") from None
+
+
+def coco_panoptic_ids(id_map: np.ndarray, segments_info: Sequence[Mapping[str, Any]]
+                      ) -> Tuple[np.ndarray, List[Mapping[str, Any]]]:
+    """(ids, segments) in the COCO panoptic convention (0 = VOID): a Predictor's 0-based segment ids
+    shifted by one; a map without segments stays all VOID."""
+    if not segments_info:
+        return np.zeros_like(id_map, dtype=np.int32), []
+    return (np.asarray(id_map) + 1).astype(np.int32), [dict(s, id=int(s["id"]) + 1) for s in segments_info]

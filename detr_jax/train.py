@@ -293,7 +293,7 @@ def train(config: Config, workdir, train_data, *, resume: bool = True, max_steps
     detr-jax checkpoint folder to start from (fine-tuning, or stage 2 of the panoptic recipe).
     eval_fn(variables, step) -> metrics dict: called every `eval_every` steps and at the end, on
     process 0 only (the other hosts wait at their next step); its numbers are logged to
-    metrics.jsonl as `eval/NAME` (`detr_jax.eval_runner.make_eval_fn`).  policy: the runtime's
+    metrics.jsonl as `eval/NAME` (`detr_jax.evaluation.runner.make_eval_fn`).  policy: the runtime's
     execution policy the step follows ("auto": by the backend; see `detr_jax.runtime`).
     Returns {"state": TrainState (host), "metrics": the last logged row, "steps": steps run here}.
     """
@@ -423,7 +423,7 @@ def build_eval_fn(config: Config, eval_split: str = "val2017", max_images: Optio
                   tfds=None, tfds_data_dir=None, **unused_data_args) -> EvalFn:
     """Periodic evaluation on the validation split of the training data: `eval_split` of the COCO
     root `data`, or of the TFDS dataset `tfds` (val2017 means validation); the first `max_images`."""
-    from detr_jax.eval_runner import load_dataset, make_eval_fn
+    from detr_jax.evaluation.runner import load_dataset, make_eval_fn
 
     dataset = load_dataset(data, eval_split, tfds=tfds, tfds_data_dir=tfds_data_dir)
     model_config, _ = stage_configs(config)

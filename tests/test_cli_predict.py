@@ -75,8 +75,8 @@ def test_cli_writes_every_promised_file_for_the_fixture_photos(fixture_run):
 
 @pytest.mark.slow
 def test_cli_coco_result_files_are_read_by_the_coco_tools(fixture_run):
-    from detr_jax.evaluate import load_coco
-    from detr_jax.panoptic_quality import pq_compute
+    from detr_jax.evaluation.coco import load_coco
+    from detr_jax.evaluation.pq import pq_compute
 
     code, out = fixture_run
     images = json.loads((out / "images.json").read_text())
@@ -122,11 +122,11 @@ def test_cli_reports_bad_images_writes_the_good_ones_and_exits_non_zero(tiny_che
 
 
 def test_an_image_whose_outputs_cannot_be_written_leaves_no_file(tiny_checkpoint, tmp_path, monkeypatch, capsys):
-    import detr_jax.predict as predict
+    import detr_jax.results_io as results_io
 
     for name in ("a", "b"):
         Image.fromarray(random_photo(41, 80, 100)).save(tmp_path / f"{name}.png")
-    save_png = predict._save_png
+    save_png = results_io._save_png
 
     def failing_for_b(array):
         write = save_png(array)
@@ -137,7 +137,7 @@ def test_an_image_whose_outputs_cannot_be_written_leaves_no_file(tiny_checkpoint
             write(path)
         return save
 
-    monkeypatch.setattr(predict, "_save_png", failing_for_b)
+    monkeypatch.setattr(results_io, "_save_png", failing_for_b)
     out = tmp_path / "out"
     code = cli.main(["predict", str(tiny_checkpoint), str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--out",
                      str(out), *sides(SIDES["short_side"], SIDES["max_size"])])

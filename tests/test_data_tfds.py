@@ -23,9 +23,9 @@ from detr_jax.data.loader import Loader  # noqa: E402
 from detr_jax.data.tfds import (TfdsCocoDetection, TfdsCocoPanoptic, load_tfds, require_tfds,  # noqa: E402
                                 tfds_split)
 from detr_jax.data.transforms import TrainTransform  # noqa: E402
-from detr_jax.eval_runner import evaluate_model, evaluate_predictions, load_dataset  # noqa: E402
+from detr_jax.evaluation.runner import evaluate_model, evaluate_predictions, load_dataset  # noqa: E402
 from detr_jax.labels import panoptic_categories  # noqa: E402
-from detr_jax.panoptic_quality import id_to_rgb  # noqa: E402
+from detr_jax.panoptic_format import id_to_rgb  # noqa: E402
 from test_predict import SIDES  # noqa: E402
 
 PANOPTIC_IDS = sorted(c["id"] for c in panoptic_categories())     # TFDS label i -> PANOPTIC_IDS[i]

@@ -19,7 +19,8 @@ from detr_jax.config import ModelConfig, load_config
 from detr_jax.data.preprocess import bucket_shape, normalize, pad_batch, resize_for_eval
 from detr_jax.labels import label_name
 from detr_jax.postprocess import MASK_STRIDE
-from detr_jax.predict import Predictor, image_ids, list_images, output_stems
+from detr_jax.predict import Predictor, list_images
+from detr_jax.results_io import image_ids, output_stems
 
 TINY = load_config("detr_tiny")
 SIDES = dict(short_side=TINY.data.short_side, max_size=TINY.data.max_size, bucket_multiple=TINY.data.bucket_multiple)

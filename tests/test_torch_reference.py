@@ -91,7 +91,7 @@ def test_panoptic_postprocessing_is_the_originals(case, source):
     from PIL import Image
 
     from conftest import reference_path
-    from detr_jax.panoptic_quality import rgb_to_id
+    from detr_jax.panoptic_format import rgb_to_id
 
     x = reference_arrays(source, ["pred_logits", "pred_masks", "image_sizes", "orig_sizes"])
     with np.load(reference_path(f"postprocess_{case}.npz")) as data:

@@ -11,7 +11,7 @@ import pytest
 
 from detr_jax import cli, train as train_module
 from detr_jax.data.synthetic import generate
-from detr_jax.eval_runner import load_dataset, make_eval_fn, summary_metrics
+from detr_jax.evaluation.runner import load_dataset, make_eval_fn, summary_metrics
 from test_train import fixed_size_config
 
 STEPS, EVAL_EVERY, EVAL_IMAGES = 4, 2, 2

@@ -32,7 +32,7 @@ that cannot be read raises `BadSampleError` (the loader skips it).  TFDS decodes
 itself (its `Image` feature: uint8 RGB, the stored pixels its annotations refer to), so the
 decoder of `data/image.py` has no part here.
 
-For evaluation (`detr_jax.eval_runner`), the datasets are their own ground truth
+For evaluation (`detr_jax.evaluation.runner`), the datasets are their own ground truth
 (`ground_truth()`): image infos, images, the panoptic id maps (at the image's size; pixels of
 dropped segments are VOID) and segments, and a COCO instances dict (panoptic: the thing segments
 as RLE), in data-source order (`--max-images N` evaluates the first N records).
@@ -171,7 +171,7 @@ class _TfdsCoco(CocoBase):
         return name.decode() if isinstance(name, bytes) else str(name)
 
     # ------------------------------------------------------------------------------------------
-    # Evaluation: the dataset is its own ground truth (see detr_jax.eval_runner)
+    # Evaluation: the dataset is its own ground truth (see detr_jax.evaluation.runner)
 
     panoptic = False
     has_instance_masks = False

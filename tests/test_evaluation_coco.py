@@ -13,10 +13,10 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detr_jax.evaluate import (COCO_METRICS, boxes_to_coco_results, coco_evaluate, encode_masks, evaluate,
+from detr_jax.evaluation.coco import (COCO_METRICS, boxes_to_coco_results, coco_evaluate, encode_masks, evaluate,
                                format_results, masks_to_coco_results, panoptic_to_instances,
                                write_results_json)
-from detr_jax.panoptic_quality import id_to_rgb
+from detr_jax.panoptic_format import id_to_rgb
 
 SIZE = 200  # square images
 CATEGORIES = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}]  # ids with a gap, as COCO's

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detr_jax.panoptic_quality import (PQStat, id_to_rgb, merge_pq_stats, pq_average, pq_compute,
-                                       pq_stats_from_arrays, read_id_map, rgb_to_id)
+from detr_jax.evaluation.pq import PQStat, merge_pq_stats, pq_average, pq_compute, pq_stats_from_arrays
+from detr_jax.panoptic_format import id_to_rgb, read_id_map, rgb_to_id
 
 CATEGORIES = [
     {"id": 1, "name": "person", "isthing": 1},

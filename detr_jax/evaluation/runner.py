@@ -1,7 +1,7 @@
 """Evaluation of a model on a COCO or COCO-panoptic folder: box AP, mask AP (panoptic models), PQ.
 
     from detr_jax.data.coco import CocoPanoptic
-    from detr_jax.eval_runner import evaluate_model
+    from detr_jax.evaluation.runner import evaluate_model
     results = evaluate_model("checkpoints/detr_r50_dc5_panoptic", CocoPanoptic("coco", "val2017"))
     # {'bbox': {'AP': ...}, 'segm': {...}, 'panoptic': {'All': {'pq': ...}, ...}, 'num_images': ...}
 
@@ -43,10 +43,11 @@ import numpy as np
 from detr_jax.config import DataConfig
 from detr_jax.data.coco import (BadSampleError, CocoDetection, CocoPanoptic, coco_paths, find_image, read_image,
                                 read_panoptic_png)
-from detr_jax.evaluate import (boxes_to_coco_results, coco_evaluate, load_coco, masks_to_coco_results,
-                               panoptic_to_instances)
-from detr_jax.panoptic_quality import merge_pq_stats, pq_average, pq_stats_from_arrays
-from detr_jax.predict import Predictor, coco_panoptic_ids
+from detr_jax.evaluation.coco import (boxes_to_coco_results, coco_evaluate, load_coco, masks_to_coco_results,
+                                      panoptic_to_instances, write_results_json)
+from detr_jax.evaluation.pq import merge_pq_stats, pq_average, pq_stats_from_arrays
+from detr_jax.panoptic_format import coco_panoptic_ids
+from detr_jax.predict import Predictor
 
 Dataset = Union[CocoDetection, CocoPanoptic]
 
@@ -185,7 +186,8 @@ def evaluate_model(model, dataset, *, batch_size: int = 1, max_images: Optional[
     """Box AP (and mask AP and PQ for panoptic models on panoptic data) of `model` on `dataset`.
 
     model: a checkpoint folder, a `DETRModel`, a (ModelConfig, variables) pair (e.g. from the train
-    loop), or a ready `Predictor` (its settings are used as they are).
+    loop), or a ready `Predictor` (its settings are used as they are, except `return_masks`, set
+    for mask AP on a copy: the caller's Predictor is not changed).
     dataset: `CocoDetection` or `CocoPanoptic` (`load_dataset`), or a TFDS one
     (`detr_jax.data.tfds`).  The first `max_images` images (in the dataset's order).
     Returns {'bbox': COCO numbers, 'segm': ..., 'panoptic': pq_average's dict, 'num_images',
@@ -200,7 +202,9 @@ def evaluate_model(model, dataset, *, batch_size: int = 1, max_images: Optional[
             predictor_kwargs["is_thing_map"] = lambda c: isthing.get(int(c), True)
         predictor = Predictor(model, short_side=short_side, max_size=max_size, batch_size=batch_size,
                               threshold=0.0, bucket_multiple=bucket_multiple, **predictor_kwargs)
-    predictor.return_masks = predictor.panoptic and gt.has_instance_masks
+    return_masks = predictor.panoptic and gt.has_instance_masks
+    if predictor.return_masks != return_masks:   # a Predictor of the caller's is left as it was
+        predictor = predictor.with_options(return_masks=return_masks)
     count = len(gt) if max_images is None else min(len(gt), max_images)
     image_ids: List[Optional[int]] = []   # by index, filled as the images are read (None: unreadable record)
     read_failures: Dict[Any, str] = {}    # the reader's reasons, more precise than the Predictor's
@@ -368,7 +372,5 @@ def default_output(checkpoint: Optional[str], split: str) -> pathlib.Path:
 
 
 def write_json(results: Mapping[str, Any], path) -> None:
-    from detr_jax.evaluate import write_results_json
-
     write_results_json(results, path)
     json.loads(pathlib.Path(path).read_text())  # what was written is valid JSON

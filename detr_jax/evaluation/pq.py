@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterable, Mapping, Sequence, Tuple, Union
 import numpy as np
 from tqdm import tqdm
 
-from detr_jax.panoptic_format import ID_LIMIT, VOID, id_to_rgb, read_id_map, rgb_to_id  # noqa: F401 (re-exported)
+from detr_jax.panoptic_format import ID_LIMIT, VOID, read_id_map
 
 OFFSET = ID_LIMIT  # ids are below 2**24, so a (gt, pred) pair packs into one int64 key
 MATCH_IOU = 0.5  # a match needs IoU strictly above this

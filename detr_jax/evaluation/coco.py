@@ -1,4 +1,4 @@
-"""COCO evaluation: box and mask AP through pycocotools' COCOeval, PQ through `panoptic_quality`.
+"""COCO evaluation: box and mask AP through pycocotools' COCOeval, PQ through `evaluation.pq`.
 
     results = evaluate(coco_gt="instances_val2017.json", box_results=boxes,
                        panoptic_gt_json="panoptic_val2017.json", panoptic_pred_json="pred.json")
@@ -25,7 +25,8 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detr_jax.panoptic_quality import pq_compute, read_id_map
+from detr_jax.evaluation.pq import pq_compute
+from detr_jax.panoptic_format import read_id_map
 
 PathLike = Union[str, os.PathLike]
 # The 12 numbers of COCOeval.stats for boxes and masks, in order.

@@ -11,8 +11,8 @@ import pytest
 
 from detr_jax import cli
 from detr_jax.data.synthetic import generate
-from detr_jax.eval_runner import evaluate_model, evaluate_predictions, load_dataset
-from detr_jax.panoptic_quality import read_id_map
+from detr_jax.evaluation.runner import evaluate_model, evaluate_predictions, load_dataset
+from detr_jax.panoptic_format import read_id_map
 from test_predict import SIDES
 
 
@@ -168,3 +168,13 @@ def test_a_predicted_segment_missing_from_segments_info_fails_that_image_only(sy
     assert "present in the PNG" in metrics["failed_images"][str(bad_id)]
     assert metrics["num_images"] == 3 and metrics["panoptic"]["All"]["pq"] == pytest.approx(1.0)
     assert metrics["bbox"]["AP"] == pytest.approx(1.0)
+
+
+def test_evaluate_model_leaves_the_callers_predictor_as_it_was(tiny_checkpoint, synthetic_root):  # noqa: F811
+    from detr_jax.predict import Predictor
+
+    predictor = Predictor(tiny_checkpoint, threshold=0.0, **SIDES)
+    before = dict(vars(predictor))
+    results = evaluate_model(predictor, load_dataset(str(synthetic_root), "val2017"), max_images=1, progress=False)
+    assert "segm" in results                      # the copy returned masks
+    assert vars(predictor) == before and predictor.return_masks is False and predictor.shape_stats == {}
