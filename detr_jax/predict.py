@@ -43,7 +43,8 @@ from detr_jax.config import DataConfig
 from detr_jax.data.preprocess import (ImageLike, ImageLoadError, bucket_shape, load_image, normalize, pad_batch,
                                       resize_for_eval, resized_size)
 from detr_jax.labels import label_name
-from detr_jax.postprocess import PANOPTIC_THRESHOLD, postprocess_boxes, postprocess_instance_masks, postprocess_panoptic
+from detr_jax.postprocess import (PANOPTIC_THRESHOLD, TieBreak, postprocess_boxes, postprocess_instance_masks,
+                                  postprocess_panoptic)
 
 DETECTION_THRESHOLD = 0.7  # reported detections: PostProcess score (max softmax over the real classes) above this
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif")
@@ -98,6 +99,9 @@ class Predictor:
         overrides it, e.g. for a model trained on other categories.
       is_thing_map: {category_id: bool} or a callable for the panoptic post-processor (default: COCO
         panoptic's `isthing`; labels not listed count as things if <= 90).
+      tie_break: how the panoptic post-processor decides the pixels that are float-rounding ties
+        of the original's softmax (`postprocess.panoptic`); default: the first tied query.  The
+        opt-in `postprocess.torch_softmax.torch_softmax_argmax` replays PyTorch's CPU kernel.
       max_pixels: larger images are refused (from the header, before decoding).
       return_masks: also return each reported detection's binary mask at the original size
         (PostProcessSegm, crop=True), e.g. for mask AP.
@@ -113,7 +117,8 @@ class Predictor:
                  panoptic_threshold: float = PANOPTIC_THRESHOLD,
                  bucket_multiple: Optional[int] = DataConfig.bucket_multiple, padding_invariant: bool = True,
                  dataset: Optional[str] = None, label_names: Union[Sequence[str], Mapping[int, str], None] = None,
-                 is_thing_map=None, max_pixels: Optional[int] = DataConfig.max_image_pixels,
+                 is_thing_map=None, tie_break: Optional[TieBreak] = None,
+                 max_pixels: Optional[int] = DataConfig.max_image_pixels,
                  return_masks: bool = False, mask_queries: Union[int, str, None] = MASK_QUERIES):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -123,7 +128,7 @@ class Predictor:
         self.bucket_multiple, self.padding_invariant = bucket_multiple, padding_invariant
         self.dataset = dataset or ("coco_panoptic" if self.panoptic else "coco")
         self.label_names = label_names
-        self.is_thing_map = is_thing_map
+        self.is_thing_map, self.tie_break = is_thing_map, tie_break
         self.max_pixels, self.return_masks = max_pixels, return_masks
         if not (mask_queries is None or mask_queries == "auto" or (isinstance(mask_queries, int) and mask_queries > 0)):
             raise ValueError(f'mask_queries must be "auto", a positive int or None, got {mask_queries!r}')
@@ -247,7 +252,8 @@ class Predictor:
         panoptic = masks = None
         if self.panoptic:
             panoptic = postprocess_panoptic(out["pred_logits"], out["pred_masks"], image_sizes, orig_sizes,
-                                            is_thing_map=self.is_thing_map, threshold=self.panoptic_threshold)
+                                            is_thing_map=self.is_thing_map, threshold=self.panoptic_threshold,
+                                            tie_break=self.tie_break)
             if self.return_masks:
                 masks = postprocess_instance_masks(out["pred_masks"], image_sizes, orig_sizes)
         for b, item in enumerate(items):

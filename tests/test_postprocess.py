@@ -1,4 +1,6 @@
-"""Post-processing: the original's PostProcess / PostProcessSegm / PostProcessPanoptic, exactly."""
+"""Post-processing: the original's PostProcess / PostProcessSegm / PostProcessPanoptic, exactly
+(panoptic: on every pixel that is not a float-rounding tie; on those too with the opt-in
+PyTorch replay, `postprocess.torch_softmax`)."""
 import io
 import json
 
@@ -10,6 +12,8 @@ from PIL import Image
 
 from conftest import reference_arrays, reference_path
 from detr_jax import postprocess as pp
+from detr_jax.postprocess import panoptic, torch_softmax
+from detr_jax.postprocess.resample import _bilinear_taps  # noqa: F401 (the taps the device pick uses)
 from detr_jax.labels import panoptic_is_thing
 
 FIXTURE_IS_THING = {i: i <= 90 for i in range(201)}  # the map the fixtures were made with
@@ -60,9 +64,11 @@ def test_instance_masks_as_the_original(case):
 
 
 def test_panoptic_as_the_original(case):
+    """With the opt-in replay of PyTorch's softmax on tie pixels: every pixel is the original's."""
     name, x, ref, summary = case
     results = pp.postprocess_panoptic(x["pred_logits"], x["pred_masks"], x["image_sizes"], x["orig_sizes"],
-                                      is_thing_map=FIXTURE_IS_THING, crop=False)
+                                      is_thing_map=FIXTURE_IS_THING, crop=False,
+                                      tie_break=torch_softmax.torch_softmax_argmax)
     for i, r in enumerate(results):
         np.testing.assert_array_equal(r["id_map"], ref[f"panoptic_ids_{i}"])
         assert r["segments_info"] == summary["images"][i]["segments_info"]
@@ -72,6 +78,38 @@ def test_panoptic_as_the_original(case):
         scores, labels = pp.class_scores(jnp.asarray(x["pred_logits"][i]), include_no_object=True)
         kept = np.flatnonzero((np.asarray(labels) != 250) & (np.asarray(scores) > 0.85))
         np.testing.assert_array_equal(kept, ref[f"panoptic_threshold_kept_queries_{i}"])
+
+
+def tie_pixels(masks, image_size, orig_size, queries):
+    """bool [H0, W0]: the pixels whose two top resampled logits among `queries` (each set of
+    queries the pick ran over) are within NEAR_TIE_GAP, carried to the original size as the map is."""
+    h, w = (int(v) for v in image_size)
+    src = np.array(masks.shape[-2:])
+    ties = np.zeros((h, w), bool)
+    for chosen in queries:
+        if len(chosen) > 1:
+            resized = pp.resize_bilinear(masks[chosen][None], src[None], np.array([[h, w]]), (h, w))[0]
+            ties |= panoptic._argmax_and_near_ties(np, resized)[1]
+    rows = pp.pil_nearest_indices(h, int(orig_size[0]))
+    cols = pp.pil_nearest_indices(w, int(orig_size[1]))
+    return ties[rows[:, None], cols[None, :]]
+
+
+def test_panoptic_default_is_the_original_on_every_pixel_but_ties(case):
+    """The default pick (a tie goes to the first tied query): the original's segments and map on
+    every pixel that is not a tie (`panoptic`'s docstring says which pixels are)."""
+    name, x, ref, summary = case
+    results = pp.postprocess_panoptic(x["pred_logits"], x["pred_masks"], x["image_sizes"], x["orig_sizes"],
+                                      is_thing_map=FIXTURE_IS_THING, crop=False)
+    for i, r in enumerate(results):
+        expected = ref[f"panoptic_ids_{i}"]
+        assert r["id_map"].shape == expected.shape
+        kept_first = ref[f"panoptic_threshold_kept_queries_{i}"]
+        ties = tie_pixels(x["pred_masks"][i], x["image_sizes"][i], x["orig_sizes"][i], [kept_first, r["query_indices"]])
+        differ = r["id_map"] != expected
+        assert not (differ & ~ties).any(), f"image {i}: {int((differ & ~ties).sum())} pixels differ away from ties"
+        assert [s["category_id"] for s in r["segments_info"]] == \
+            [s["category_id"] for s in summary["images"][i]["segments_info"]]
 
 
 def test_panoptic_crop_equals_each_image_alone(case):
@@ -148,37 +186,48 @@ def test_segment_map_resizes_like_the_originals_png_round_trip(hw, out):
     """ids -> panoptic PNG -> PIL NEAREST resize -> ids (the original) == ids picked by PIL's indices."""
     winner = np.random.default_rng(4).integers(0, 300, hw)
     png = Image.fromarray(pp.panoptic_to_png(winner)).resize(out[::-1], Image.NEAREST)
-    np.testing.assert_array_equal(pp._segment_map(winner, [], out), pp.png_to_ids(np.asarray(png)))
-    merged = pp._segment_map(winner, [[3, 7, 9]], out)
-    assert not np.isin(merged, [7, 9]).any() and (merged == 3).sum() > (pp._segment_map(winner, [], out) == 3).sum()
+    np.testing.assert_array_equal(panoptic._segment_map(winner, [], out), pp.png_to_ids(np.asarray(png)))
+    merged = panoptic._segment_map(winner, [[3, 7, 9]], out)
+    assert not np.isin(merged, [7, 9]).any() and (merged == 3).sum() > (panoptic._segment_map(winner, [], out) == 3).sum()
+
+
+def torch_kernel_or_skip():
+    """torch, when this host's CPU softmax is the kernel `torch_softmax` replays; else skip."""
+    torch = pytest.importorskip("torch")
+    probe = np.random.default_rng(0).normal(0, 0.3, (40, 4096)).astype(np.float32)
+    probe[1] = probe[0] + np.spacing(np.abs(probe[0])) * np.resize(np.float32([-1, 0, 1]), 4096)
+    if not (torch_softmax.torch_softmax_argmax(probe) == torch.from_numpy(probe).T.softmax(-1).argmax(-1).numpy()).all():
+        pytest.skip("this host's PyTorch CPU softmax rounds otherwise than the AVX-512 kernel torch_softmax "
+                    "replays (another vector width or exp): the replay is not expected to match it here")
+    return torch
 
 
 def test_softmax_argmax_replays_torch_on_near_ties():
-    torch = pytest.importorskip("torch")
+    torch = torch_kernel_or_skip()
     rng = np.random.default_rng(2)
     for k in (3, 16, 23, 40):
         x = rng.normal(0, 0.3, (k, 64, 64)).astype(np.float32)
         x[1] = x[0] + rng.integers(-2, 3, (64, 64)).astype(np.float32) * np.spacing(np.abs(x[0]))  # near ties
         expected = torch.from_numpy(x.reshape(k, -1)).T.softmax(-1).argmax(-1).numpy().reshape(64, 64)
-        np.testing.assert_array_equal(pp._softmax_argmax(x), expected)
+        np.testing.assert_array_equal(torch_softmax.softmax_argmax(x), expected)
 
 
 def test_softmax_argmax_is_the_plain_argmax_beyond_the_near_tie_gap():
     """Only pixels whose runner-up is within `_NEAR_TIE_GAP` of the top logit can change under
     torch's softmax; closer ones do change (so the replay is needed, and exercised)."""
-    torch = pytest.importorskip("torch")
+    torch = torch_kernel_or_skip()
     rng = np.random.default_rng(3)
     for k in (3, 16, 23, 40):
         for scale in (0.05, 1.0, 30.0):
             x = rng.normal(0, scale, (k, 4096)).astype(np.float32)
-            gaps = pp._NEAR_TIE_GAP * rng.choice([0.005, 0.02, 0.1, 0.5, 1.01, 1.5, 3.0, 10.0], 4096)
+            gaps = pp.NEAR_TIE_GAP * rng.choice([0.005, 0.02, 0.1, 0.5, 1.01, 1.5, 3.0, 10.0], 4096)
             x[0] = x.max(0)
             x[1] = x[0] + gaps.astype(np.float32)   # query 1 on top, query 0 the runner-up just under it
             torch_best = torch.from_numpy(x).T.softmax(-1).argmax(-1).numpy()
             srt = np.sort(x, axis=0)
-            far = srt[-1] - srt[-2] > pp._NEAR_TIE_GAP
+            far = srt[-1] - srt[-2] > pp.NEAR_TIE_GAP
             np.testing.assert_array_equal(np.argmax(x, 0)[far], torch_best[far])
-            np.testing.assert_array_equal(pp._softmax_argmax(x.reshape(k, 64, 64)).ravel(), torch_best)
+            np.testing.assert_array_equal(torch_softmax.softmax_argmax(x.reshape(k, 64, 64)).ravel(), torch_best)
             if scale < 1 and k > 3:
                 assert (np.argmax(x, 0) != torch_best).any(), "near ties should change some pixels"
 
@@ -190,20 +239,20 @@ def test_device_pick_is_argmax_over_the_resampled_subset_with_ties_to_the_first(
     rng = np.random.default_rng(4)
     x = rng.normal(0, 1, (8, 32, 48)).astype(np.float32)
     x[5] = x[2]                                   # exact ties: the earlier row wins
-    x[6, :8] = x[2, :8] + pp._NEAR_TIE_GAP / 2    # near ties
+    x[6, :8] = x[2, :8] + pp.NEAR_TIE_GAP / 2    # near ties
     src, size, out_hw = np.array([30, 45]), np.array([70, 101]), (100, 128)   # 100 rows: 4 blocks, the last padded
     subset = np.array([1, 2, 5, 6])
     rows = np.full(8, -1, np.int32)
     rows[subset] = np.arange(len(subset), dtype=np.int32)
-    across, taps = pp._column_pass_of(x, src, size, out_hw)
-    best, near = jax.device_get(pp._pick(across, taps, jnp.asarray(rows)))
+    across, taps = panoptic._column_pass_of(x, src, size, out_hw)
+    best, near = jax.device_get(panoptic._pick(across, taps, jnp.asarray(rows)))
     resized = pp.resize_bilinear(x[None], src[None], size[None], out_hw)[0]      # numpy, whole
-    want_best, want_near = pp._argmax_and_near_ties(np, resized[subset])
+    want_best, want_near = panoptic._argmax_and_near_ties(np, resized[subset])
     np.testing.assert_array_equal(best, want_best)
     np.testing.assert_array_equal(near, want_near)
     assert near[:16].any() and not near[:16].all() and (best == 1).any()
     pixel_rows, pixel_cols = rng.integers(0, 70, 500), rng.integers(0, 101, 500)
-    np.testing.assert_array_equal(pp._logits_at(across, taps, pixel_rows, pixel_cols),
+    np.testing.assert_array_equal(panoptic._logits_at(across, taps, pixel_rows, pixel_cols),
                                   resized[:, pixel_rows, pixel_cols])
 
 
@@ -211,14 +260,14 @@ def test_narrowing_the_kept_masks_equals_torchs_softmax_argmax_over_the_rest():
     """The small-segment loop's re-pick (`_KeptMasks.narrowed`): only the pixels of dropped
     winners and near ties are redone, and the map is torch's softmax argmax over the masks left,
     through two narrowings, with near ties between kept masks and between a dropped and a kept one."""
-    torch = pytest.importorskip("torch")
+    torch = torch_kernel_or_skip()
     rng = np.random.default_rng(5)
     k, h, w = 12, 40, 56
     x = rng.normal(0, 0.05, (k, h, w)).astype(np.float32)
     x[3] = x[7] + rng.integers(-2, 3, (h, w)).astype(np.float32) * np.spacing(np.abs(x[7]))   # 3 and 7: kept, tied
     x[5, :10] = x.max(0)[:10] + 1.0                                                # 5 wins a band, then is dropped
-    x[9, :10] = x[5, :10] - pp._NEAR_TIE_GAP / 4                                   # 9 just under 5 there
-    kept = pp._KeptMasks(x, np.array([h, w]), (h, w))     # already at the output size: resampling copies
+    x[9, :10] = x[5, :10] - pp.NEAR_TIE_GAP / 4                                   # 9 just under 5 there
+    kept = panoptic._KeptMasks(x, np.array([h, w]), (h, w), torch_softmax.torch_softmax_argmax)   # at the output size
     subset = np.arange(k)
     winner, unsure = kept.softmax_argmax(subset)
     torch_argmax = lambda rows: torch.from_numpy(x[rows].reshape(len(rows), -1)).T.softmax(-1).argmax(-1).numpy()  # noqa: E731
@@ -233,6 +282,25 @@ def test_narrowing_the_kept_masks_equals_torchs_softmax_argmax_over_the_rest():
     assert not winner.any() and not unsure.any()
     winner, unsure = kept.narrowed(winner, unsure, subset[subset == 3], np.zeros(1, bool))   # none left
     assert winner.shape == (h, w) and not winner.any() and not unsure.any()
+
+
+def test_narrowing_by_default_equals_the_plain_argmax_over_the_rest():
+    """Without the replay, the re-pick of the small-segment loop is the argmax (first on ties)
+    over the masks left, as a pick from scratch over them would be."""
+    rng = np.random.default_rng(6)
+    k, h, w = 9, 24, 40
+    x = rng.normal(0, 0.05, (k, h, w)).astype(np.float32)
+    x[4] = x[2]                                                  # exact ties: 2 wins, then 4 once 2 is dropped
+    x[6, :6] = x.max(0)[:6] + 1.0
+    kept = panoptic._KeptMasks(x, np.array([h, w]), (h, w))
+    subset = np.arange(k)
+    winner, unsure = kept.softmax_argmax(subset)
+    np.testing.assert_array_equal(winner, np.argmax(x, 0))
+    for drop in ([6, 2], [0, 8]):
+        keep = ~np.isin(subset, drop)
+        winner, unsure = kept.narrowed(winner, unsure, subset, keep)
+        subset = subset[keep]
+        np.testing.assert_array_equal(winner, np.argmax(x[subset], 0))
 
 
 def test_instance_masks_jit_with_traced_sizes():
