@@ -126,10 +126,11 @@ class Checkpoints:
     run the folder must be on a filesystem all hosts share.
 
     Resuming (`restore_latest`) survives damaged checkpoints: a newest one that cannot be restored
-    (truncated or missing files) is reported in one line and moved aside to
-    `workdir/checkpoints_damaged/<step>` (process 0), and the next newer one is tried; that is
-    what keeping several is for.  When none restores, it stops with `CheckpointRestoreError`: a
-    workdir with checkpoints never silently starts from scratch.
+    (truncated or missing files) is reported in one line and the next older one is tried; that is
+    what keeping several is for.  Once one restores, the damaged newer ones are moved aside to
+    `workdir/checkpoints_damaged/<step>` (process 0), so that the run can save those steps again.
+    When none restores, it stops with `CheckpointRestoreError` and leaves them all in place: a
+    workdir with checkpoints never silently starts from scratch, now or on the next try.
     """
 
     def __init__(self, workdir, keep: int):
@@ -169,16 +170,18 @@ class Checkpoints:
         errors: List[str] = []
         for step in steps:
             try:
-                return self.restore(step, target)
+                state = self.restore(step, target)
             except Exception as error:   # noqa: BLE001 (orbax raises many kinds for damaged files)
                 reason = _first_line(error)
                 errors.append(f"step {step}: {reason}")
-                log.warning("checkpoint step %d in %s cannot be restored (%s); moved to %s, trying an older one",
-                            step, self.directory, reason, self.damaged_directory)
-                self._set_aside(step)
-        raise CheckpointRestoreError(f"no checkpoint in {self.directory} can be restored (they are now in "
-                                     f"{self.damaged_directory}):\n  " + "\n  ".join(errors) +
-                                     "\nrestore them, or train in another workdir")
+                log.warning("checkpoint step %d in %s cannot be restored (%s); trying an older one",
+                            step, self.directory, reason)
+                continue
+            for damaged in steps[:len(errors)]:   # newer than the one restored: out of the way
+                self._set_aside(damaged)
+            return state
+        raise CheckpointRestoreError(f"no checkpoint in {self.directory} can be restored:\n  " + "\n  ".join(errors)
+                                     + "\nrepair or remove them, or train in another workdir")
 
     def _set_aside(self, step: int) -> None:
         """Moves a damaged checkpoint out of the manager's folder, so that the run can save that
