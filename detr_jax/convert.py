@@ -320,7 +320,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="convert_weights.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", nargs="?", help=".pth / .bin / .safetensors file, or a hub folder with config.json")
     parser.add_argument("out", help="output folder (orbax checkpoint + config.json)")
-    parser.add_argument("--config", help="model config name in configs/ (default: inferred from the weights)")
+    parser.add_argument("--config", help="a model config name (detr_jax/configs/) or a path to a config file (default: inferred from the weights)")
     parser.add_argument("--from-hub", metavar="REPO", help="download from the Hugging Face hub, e.g. "
                         "facebook/detr-resnet-50-dc5-panoptic (cached under $DETR_JAX_CACHE)")
     parser.add_argument("--from-release", metavar="NAME_OR_URL", help=f"download an original release file: "
