@@ -65,7 +65,7 @@ def run_case(config_name: str, batch: int, height: int, width: int, repeats: int
              mask_queries=None) -> dict:
     import jax
 
-    from detr_jax.checkpoint import DETRModel
+    from detr_jax.runtime import DETRModel
     from detr_jax.config import load_config
 
     config = load_config(config_name).model
@@ -75,7 +75,7 @@ def run_case(config_name: str, batch: int, height: int, width: int, repeats: int
     x = np.random.default_rng(0).standard_normal((batch, height, width, 3)).astype(np.float32)
     mask = np.ones((batch, height, width), bool)
     timing = common.time_calls(lambda: jax.block_until_ready(model(x, mask, mask_queries=mask_queries)), repeats)
-    gflops = common.executed_gflops(model.module.apply, model.variables, x, mask, mask_queries=mask_queries)
+    gflops = common.model_gflops(model.module, model.variables, x, mask, mask_queries=mask_queries)
     return {"config": config_name, "batch": batch, "mask_queries": mask_queries, "hw": [height, width], "weights": weights,
             "compile_s": timing["first_s"] - timing["median_s"], "median_s": timing["median_s"],
             "min_s": timing["min_s"], "max_s": timing["max_s"], "repeats": repeats,

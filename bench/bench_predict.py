@@ -65,7 +65,7 @@ def load_model(args):
     import jax
 
     import detr_jax
-    from detr_jax.checkpoint import DETRModel
+    from detr_jax.runtime import DETRModel
     from detr_jax.config import load_config
     from detr_jax.models import init_variables
 

@@ -80,6 +80,24 @@ def executed_gflops(fn: Callable, *args, **kwargs) -> float:
     return float(cost.get("flops", float("nan"))) / 1e9
 
 
+def model_gflops(module, variables, x, mask, mask_queries: Optional[int] = None, **apply_kwargs) -> float:
+    """`executed_gflops` of a DETR `module` on the batch (x, mask) at once, the mask head (panoptic
+    models) on `mask_queries` queries (None: every query), as `DETRModel` would compute them."""
+    import jax.numpy as jnp
+
+    from detr_jax.models import DETR
+
+    if not module.config.masks or mask_queries is None:
+        return executed_gflops(module.apply, variables, x, mask, **apply_kwargs)
+
+    def detect_then_masks(variables, x, mask):
+        out, features = module.apply(variables, x, mask, method=DETR.detect, **apply_kwargs)
+        chosen = jnp.broadcast_to(jnp.arange(mask_queries, dtype=jnp.int32), (x.shape[0], mask_queries))
+        return out, module.apply(variables, features, chosen, method=DETR.masks_of_queries)
+
+    return executed_gflops(detect_then_masks, variables, x, mask)
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far (Linux ru_maxrss is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -130,7 +130,7 @@ def run_jax(case: ModelCase, repeats: int, padding_invariant: bool, mask_queries
     import jax
 
     from detr_jax import convert
-    from detr_jax.checkpoint import DETRModel
+    from detr_jax.runtime import DETRModel
 
     sd = recipe_state_dict() if case.panoptic else detection_state_dict(recipe_state_dict())
     config = convert.infer_config(convert.canonical_state_dict(sd), {"name": "dc5" if case.panoptic else ""})
@@ -143,8 +143,8 @@ def run_jax(case: ModelCase, repeats: int, padding_invariant: bool, mask_queries
         model(images, valid, padding_invariant=padding_invariant, mask_queries=mask_queries)), repeats)
     timing["compile_s"] = timing["first_s"] - timing["median_s"]
     timing["first_call_s"] = timing["first_s"]
-    timing["flops"] = 1e9 * common.executed_gflops(model.module.apply, model.variables, images, valid,   # the batch at once
-                                                   padding_invariant=padding_invariant, mask_queries=mask_queries)
+    timing["flops"] = 1e9 * common.model_gflops(model.module, model.variables, images, valid,   # the batch at once
+                                                mask_queries=mask_queries, padding_invariant=padding_invariant)
     timing["config"] = f"{config.backbone}{'-DC5' if config.dilation else ''} " \
                        f"{'panoptic' if config.masks else 'detection'}, padding_invariant={padding_invariant}, " \
                        f"mask_queries={mask_queries or 'all'}"
@@ -201,7 +201,7 @@ def run_panoptic_photo(framework: str, repeats: int) -> Dict[str, object]:
             import jax
 
             from detr_jax import convert
-            from detr_jax.checkpoint import DETRModel
+            from detr_jax.runtime import DETRModel
 
             config = convert.infer_config(convert.canonical_state_dict(sd), {"name": "dc5"})
             model = DETRModel(config, jax.device_put(convert.convert_state_dict(sd, config)))
@@ -255,13 +255,12 @@ def run_panoptic_photo(framework: str, repeats: int) -> Dict[str, object]:
         timing = common.time_calls(call, repeats)
         x, valid = inputs
         if framework == "jax":   # XLA's FLOP count of the two programs (model and per-image mask head; per-query part)
-            from detr_jax.checkpoint import queries_over_threshold
+            from detr_jax.runtime import queries_over_threshold
 
-            out = dict(model._apply(model.variables, x, valid, mask_queries=0))
-            indices = jax.numpy.asarray(queries_over_threshold(np.asarray(out["pred_logits"]), postprocess.PANOPTIC_THRESHOLD))
-            timing["flops"] = 1e9 * (common.executed_gflops(model.module.apply, model.variables, x, valid, mask_queries=0)
-                                     + common.executed_gflops(model._masks_of, model.variables["params"],
-                                                              out["mask_inputs"], indices))
+            out = model(x, valid)
+            indices = queries_over_threshold(np.asarray(out["pred_logits"]), postprocess.PANOPTIC_THRESHOLD)
+            timing["flops"] = 1e9 * common.model_gflops(model.module, model.variables, x, valid,
+                                                        mask_queries=int(indices.shape[1]))
             timing["mask_queries"] = int(indices.shape[1])
     timing.update({k: statistics.median(v[1:]) for k, v in stages.items()})
     timing["first_call_s"] = timing["first_s"]

@@ -43,9 +43,9 @@ def component_functions(config, variables, x, mask, mask_queries):
     import jax
     import jax.numpy as jnp
 
-    from detr_jax import xla_cpu
+    from detr_jax import runtime, xla_cpu
     from detr_jax.models.backbone import ResNet
-    from detr_jax.models.detr import DETR, select_mask_queries
+    from detr_jax.models.detr import DETR
     from detr_jax.models.layers import image_sizes_from_mask
     from detr_jax.models.segmentation import MaskHeadSmallConv, MHAttentionMap
     from detr_jax.models.transformer import Decoder, Encoder
@@ -59,7 +59,9 @@ def component_functions(config, variables, x, mask, mask_queries):
     src, pos, valid = flat(inter["projected"]), flat(inter["position_embedding"]), inter["feature_mask"]
     memory, hs = inter["memory"], inter["decoder_hs"]
     sizes = image_sizes_from_mask(mask)
-    args = (config.hidden_dim, config.num_heads, config.dim_feedforward, config.dropout, config.pre_norm, dt)
+    config = runtime.execution_config(config, "cpu")     # the CPU policy's blocked attention
+    args = (config.hidden_dim, config.num_heads, config.dim_feedforward, config.dropout, config.pre_norm, dt,
+            config.attention)
     query_pos = jnp.broadcast_to(params["query_embed"]["embedding"], (b, config.num_queries, config.hidden_dim))
 
     def backbone(x, sizes):
@@ -79,7 +81,7 @@ def component_functions(config, variables, x, mask, mask_queries):
     def mask_head(hs_last, logits, memory, src_image, f3, f2, f1):
         queries = hs_last
         if mask_queries is not None and mask_queries < config.num_queries:
-            indices, _ = select_mask_queries(logits, mask_queries)
+            indices, _ = runtime.top_queries(logits, k=mask_queries)
             queries = jnp.take_along_axis(queries, indices[..., None], axis=1)
         attention = MHAttentionMap(config.hidden_dim, config.num_heads, dt).apply(
             {"params": params["bbox_attention"]}, queries, memory, valid)

@@ -3,13 +3,14 @@
     import detr_jax
     model = detr_jax.load("checkpoints/detr_r50_dc5_panoptic")   # converted with convert_weights.py
     outputs = model(pixel_values, pixel_mask)                    # NHWC, pixel_mask True on real pixels
+    model = detr_jax.load(path, dtype="bfloat16", policy="accelerator")   # see detr_jax.runtime
 """
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load": ("detr_jax.checkpoint", "load"),
+    "load": ("detr_jax.runtime", "load"),
     "save": ("detr_jax.checkpoint", "save"),
-    "DETRModel": ("detr_jax.checkpoint", "DETRModel"),
+    "DETRModel": ("detr_jax.runtime", "DETRModel"),
     "Predictor": ("detr_jax.predict", "Predictor"),
     "ModelConfig": ("detr_jax.config", "ModelConfig"),
     "load_config": ("detr_jax.config", "load_config"),

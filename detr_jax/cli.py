@@ -47,7 +47,15 @@ def add_predict_command(subparsers) -> None:
     p.add_argument("--max-size", type=int, default=DataConfig.max_size)
     p.add_argument("--no-vis", action="store_true", help="do not draw STEM_vis.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_arguments(p)
     p.set_defaults(run=lambda args, rest: run_predict(args))
+
+
+def add_runtime_arguments(p) -> None:
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's, "
+                                                                     "float32); parameters stay float32")
+    p.add_argument("--policy", choices=("auto", "cpu", "accelerator"), default="auto",
+                   help="how the model runs (detr_jax.runtime): auto picks by the JAX backend")
 
 
 def run_predict(args) -> int:
@@ -57,7 +65,10 @@ def run_predict(args) -> int:
     if not paths:
         print("detr-jax predict: no images found in " + " ".join(args.images), file=sys.stderr)
         return 2
-    predictor = Predictor(args.checkpoint, short_side=args.short_side, max_size=args.max_size,
+    from detr_jax.runtime import load
+
+    predictor = Predictor(load(args.checkpoint, policy=args.policy, dtype=args.dtype), short_side=args.short_side,
+                          max_size=args.max_size,
                           batch_size=args.batch_size,
                           threshold=DETECTION_THRESHOLD if args.threshold is None else args.threshold)
     summary = predict_to_folder(predictor, paths, args.out, progress=not args.no_progress, vis=not args.no_vis)
@@ -97,6 +108,8 @@ def add_train_command(subparsers) -> None:
     p.add_argument("--init-from", help="a detr-jax checkpoint folder to start from (class head "
                                        "re-initialized if the number of classes differs)")
     p.add_argument("--num-classes", help="override the config's; 'auto' = the dataset's")
+    p.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 compute, float32 parameters, optimizer state and losses (default: the config's)")
     p.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0, or 'auto' where JAX detects "
                                           "the cluster (SLURM, Cloud TPU pods)")
     p.add_argument("--num-processes", type=int)
@@ -119,7 +132,8 @@ def run_train(args) -> int:
     optional = dict(tfds=args.tfds, tfds_data_dir=args.tfds_data_dir, eval_every=args.eval_every,
                     eval_split=args.eval_split, eval_max_images=args.eval_max_images)
     train.run(args.config, args.workdir, num_classes=args.num_classes, batch_size=args.batch_size,
-              max_steps=args.max_steps, stage=args.stage, init_from=args.init_from, resume=args.resume,
+              max_steps=args.max_steps, stage=args.stage, mixed_precision=args.mixed_precision,
+              init_from=args.init_from, resume=args.resume,
               coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
               data=args.data, split=args.split, images=args.images, annotations=args.annotations,
               panoptic_dir=args.panoptic_dir, **{k: v for k, v in optional.items() if v is not None})

@@ -42,6 +42,9 @@ class ModelConfig:
     pre_norm: bool = False          # the released models are post-norm
     aux_loss: bool = True           # also return the outputs of the earlier decoder layers
     dtype: str = "float32"          # compute dtype ("bfloat16" for mixed precision); params stay float32
+    attention: str = "dense"        # "dense": the whole batch and all heads in one expression (GPU/TPU);
+                                    # "blocked": a loop over blocks of one head's queries (low memory on
+                                    # a CPU).  The same values; the runtime's policy sets it per backend
 
     @property
     def num_logits(self) -> int:

@@ -26,7 +26,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from detr_jax import checkpoint
 from detr_jax.config import RESNET_DEPTHS, ModelConfig
+from detr_jax.models import abstract_variables
 
 log = logging.getLogger(__name__)
 
@@ -210,15 +212,9 @@ def infer_config(sd: StateDict, hints: Dict[str, Any]) -> ModelConfig:
 
 def expected_shapes(config: ModelConfig) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
     """{(collection, *path): shape} of every variable of the Flax model, without allocating it."""
-    import jax
-    import jax.numpy as jnp
     from flax.traverse_util import flatten_dict
 
-    from detr_jax.models import DETR
-
-    shapes = jax.eval_shape(DETR(config).init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)),
-                            jnp.ones((1, 64, 64), bool))
-    return {k: v.shape for k, v in flatten_dict(shapes).items()}
+    return {k: v.shape for k, v in flatten_dict(abstract_variables(config)).items()}
 
 
 def convert_state_dict(sd: StateDict, config: ModelConfig) -> Dict[str, Any]:
@@ -308,13 +304,11 @@ def fetch_release(name_or_url: str) -> pathlib.Path:
 # ------------------------------------------------------------------------------------------------
 def convert(src: str | os.PathLike, out: str | os.PathLike, config: Optional[ModelConfig] = None) -> ModelConfig:
     """Read `src`, convert, and write an orbax checkpoint with config.json to `out`."""
-    from detr_jax.checkpoint import save
-
     sd, hints = read_checkpoint(src)
     canonical = canonical_state_dict(sd)
     config = config or infer_config(canonical, hints)
     variables = convert_state_dict(canonical, config)
-    save(out, config, variables, source=str(src))
+    checkpoint.save(out, config, variables, source=str(src))
     return config
 
 

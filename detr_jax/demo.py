@@ -127,7 +127,7 @@ def run_demo(workdir="demo", *, max_steps: Optional[int] = None, num_pictures: i
     `max_steps` caps the steps of each training stage; `schedule` names the steps of both (see
     `demo_stages`); a schedule other than "default" trains in train/SCHEDULE_detection/ and
     train/SCHEDULE_masks/."""
-    from detr_jax.checkpoint import load
+    from detr_jax.runtime import load
     from detr_jax.data.coco import CocoPanoptic
     from detr_jax.data.synthetic import ensure_synthetic
     from detr_jax.eval_runner import evaluate_model

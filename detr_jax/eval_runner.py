@@ -303,7 +303,7 @@ def make_eval_fn(model_config, dataset, data_config: DataConfig = DataConfig(), 
     once per shape); the variables are put on the device once per call."""
     import jax
 
-    from detr_jax.checkpoint import DETRModel
+    from detr_jax.runtime import DETRModel
 
     model: Optional[DETRModel] = None
 

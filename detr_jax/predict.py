@@ -72,7 +72,7 @@ def source_name(image: Any, index: int) -> str:
 
 
 def _as_model(model):
-    from detr_jax.checkpoint import DETRModel, load
+    from detr_jax.runtime import DETRModel, load
 
     if isinstance(model, DETRModel) or (callable(model) and hasattr(model, "config")):
         return model  # a DETRModel, or anything with its `config` and call signature
@@ -105,8 +105,8 @@ class Predictor:
       mask_queries: which queries the mask head (most of a panoptic model's time) runs on; the
         results are the same either way.  "auto" (default): those whose score passes the lowest
         threshold in use, their count rounded up to a multiple of 8 (the model runs in two calls,
-        see `DETRModel.__call__`'s `mask_threshold`).  An int K: the K best (one call; the batch
-        is rerun with all queries when a skipped query could pass).  None: always all queries.
+        see `DETRModel.__call__`'s `mask_threshold`).  An int K: the K best (the runtime reruns the
+        mask head on all queries when a skipped query could pass).  None: always all queries.
     """
 
     def __init__(self, model, *, short_side: int = DataConfig.short_side, max_size: Optional[int] = DataConfig.max_size,
@@ -214,13 +214,10 @@ class Predictor:
         shape = pixel_values.shape[:3]
         start = time.perf_counter()
         needed = min(self.panoptic_threshold, self.threshold if self.return_masks else 1.0)
-        if self.panoptic and needed > 0 and self.mask_queries == "auto":
-            out = self.model(pixel_values, pixel_mask, padding_invariant=self.padding_invariant, mask_threshold=needed)
-        else:
-            top_k = self.mask_queries if self.panoptic and needed > 0 else None
-            out = self.model(pixel_values, pixel_mask, padding_invariant=self.padding_invariant, mask_queries=top_k)
-        if "mask_score_cutoff" in out and float(np.max(out["mask_score_cutoff"])) > needed:  # may be kept
-            out = self.model(pixel_values, pixel_mask, padding_invariant=self.padding_invariant)
+        chosen = {}     # the runtime's mask-query policy: masks for the queries that can be kept
+        if self.panoptic and needed > 0 and self.mask_queries is not None:
+            chosen = dict(mask_threshold=needed, mask_queries=None if self.mask_queries == "auto" else self.mask_queries)
+        out = self.model(pixel_values, pixel_mask, padding_invariant=self.padding_invariant, **chosen)
         out = jax.device_get({k: out[k] for k in OUTPUT_KEYS if k in out})
         seconds = time.perf_counter() - start
         stats = self.shape_stats.setdefault(shape, {"calls": 0, "first_s": seconds, "total_s": 0.0})

@@ -35,12 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from detr_jax import checkpoint, optim, xla_cpu
+from detr_jax import checkpoint, optim, runtime, xla_cpu
 from detr_jax.config import Config, LossConfig, ModelConfig, to_json
 from detr_jax.data.loader import Loader
 from detr_jax.data.transforms import TrainTransform
 from detr_jax.losses import set_criterion
-from detr_jax.models.detr import DETR, init_variables, mask_logits
+from detr_jax.models.detr import DETR, abstract_variables, init_variables
 from detr_jax.train_state import Checkpoints, TrainState, create_train_state, load_pretrained
 
 log = logging.getLogger(__name__)
@@ -53,16 +53,17 @@ EvalFn = Callable[[Dict[str, Any], int], Optional[Dict[str, float]]]
 # ------------------------------------------------------------------------------------------------
 # The step
 # ------------------------------------------------------------------------------------------------
-def stage_configs(config: Config) -> tuple[ModelConfig, LossConfig]:
-    """The model and loss configs a training stage runs (the panoptic recipe and mixed precision)."""
+def stage_configs(config: Config, policy: runtime.PolicyLike = "auto") -> tuple[ModelConfig, LossConfig]:
+    """The model and loss configs a training stage runs: the panoptic recipe's stage, the runtime
+    `policy`'s attention implementation (blocked on the CPU, dense on GPU/TPU) and, with
+    `mixed_precision`, bfloat16 compute (parameters, optimizer state, losses, the matcher's
+    inputs and the softmaxes stay float32: the model's outputs are float32)."""
     model, loss, stage = config.model, config.loss, config.train.stage
     if stage == "detection":
         model, loss = dataclasses.replace(model, masks=False), dataclasses.replace(loss, masks=False)
     elif stage == "masks":
         model, loss = dataclasses.replace(model, masks=True), dataclasses.replace(loss, masks=True)
-    if config.train.mixed_precision:
-        model = dataclasses.replace(model, dtype="bfloat16")
-    return model, loss
+    return runtime.execution_config(model, policy, "bfloat16" if config.train.mixed_precision else None), loss
 
 
 def make_train_step(model: DETR, loss_config: LossConfig, optimizer: optax.GradientTransformation,
@@ -90,13 +91,17 @@ def make_train_step(model: DETR, loss_config: LossConfig, optimizer: optax.Gradi
         matched_only = matched_masks_only(model.config, loss_config, targets["labels"].shape[-1])
 
         def loss_fn(params):
-            outputs = model.apply({"params": params, "buffers": state.buffers}, batch["pixel_values"],
-                                  batch["pixel_mask"], train=True, padding_invariant=padding_invariant,
-                                  mask_queries=0 if matched_only else None, rngs={"dropout": rng})
+            variables = {"params": params, "buffers": state.buffers}
+            inputs = (batch["pixel_values"], batch["pixel_mask"])
             mask_fn = None
             if matched_only:
-                inputs = outputs.pop("mask_inputs")
-                mask_fn = lambda queries: mask_logits(model.config, params, inputs, queries)  # noqa: E731
+                outputs, features = model.apply(variables, *inputs, train=True, padding_invariant=padding_invariant,
+                                                rngs={"dropout": rng}, method=DETR.detect)
+                mask_fn = lambda queries: model.apply(variables, features, queries,  # noqa: E731
+                                                      method=DETR.masks_of_queries)
+            else:
+                outputs = model.apply(variables, *inputs, train=True, padding_invariant=padding_invariant,
+                                      rngs={"dropout": rng})
             terms = set_criterion(outputs, targets, loss_config, axis_name=axis_name, mask_fn=mask_fn)
             return terms["loss"], terms
 
@@ -280,7 +285,7 @@ def initial_state(config: Config, model_config: ModelConfig, optimizer, init_fro
 
 def train(config: Config, workdir, train_data, *, resume: bool = True, max_steps: Optional[int] = None,
           init_from=None, eval_fn: Optional[EvalFn] = None, eval_every: Optional[int] = None,
-          progress: bool = True) -> Dict[str, Any]:
+          progress: bool = True, policy: runtime.PolicyLike = "auto") -> Dict[str, Any]:
     """Train `config` on `train_data` (a `data.coco` dataset or a `Loader`) in `workdir`.
 
     resume: continue from the latest checkpoint in `workdir` (init_from is then ignored); False
@@ -288,18 +293,18 @@ def train(config: Config, workdir, train_data, *, resume: bool = True, max_steps
     detr-jax checkpoint folder to start from (fine-tuning, or stage 2 of the panoptic recipe).
     eval_fn(variables, step) -> metrics dict: called every `eval_every` steps and at the end, on
     process 0 only (the other hosts wait at their next step); its numbers are logged to
-    metrics.jsonl as `eval/NAME` (`detr_jax.eval_runner.make_eval_fn`).
+    metrics.jsonl as `eval/NAME` (`detr_jax.eval_runner.make_eval_fn`).  policy: the runtime's
+    execution policy the step follows ("auto": by the backend; see `detr_jax.runtime`).
     Returns {"state": TrainState (host), "metrics": the last logged row, "steps": steps run here}.
     """
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     tc, primary = config.train, jax.process_index() == 0
-    model_config, loss_config = stage_configs(config)
+    model_config, loss_config = stage_configs(config, policy)
     loader = make_loader(train_data, config)
     total = max_steps or tc.max_steps or tc.epochs * loader.steps_per_epoch
     init_rng, step_rng = run_keys(tc.seed)
-    abstract_params = jax.eval_shape(DETR(model_config).init, init_rng, jnp.zeros((1, 64, 64, 3)),
-                                     jnp.ones((1, 64, 64), bool))["params"]
+    abstract_params = abstract_variables(model_config)["params"]
     optimizer = optim.make_optimizer(abstract_params, tc, loader.steps_per_epoch)
     checkpoints = Checkpoints(workdir, tc.keep_checkpoints)
     latest = checkpoints.latest_step()
@@ -367,7 +372,8 @@ def train(config: Config, workdir, train_data, *, resume: bool = True, max_steps
                 if result:
                     writer.write(dict(step=done, **{f"eval/{k}": v for k, v in result.items()}))
         state = unreplicate(device_state)
-        export_model_config = dataclasses.replace(model_config, dtype=config.model.dtype)
+        export_model_config = dataclasses.replace(model_config, dtype=config.model.dtype,
+                                                  attention=config.model.attention)
         checkpoint.save(workdir / "model", export_model_config, {"params": state.params, "buffers": state.buffers},
                         source=f"detr-jax train {config.name} stage {tc.stage} step {int(state.step)}")
     finally:
@@ -427,7 +433,7 @@ def build_eval_fn(config: Config, eval_split: str = "val2017", max_images: Optio
 
 
 def run(config_name: str, workdir, *, num_classes=None, batch_size=None, max_steps=None, stage=None,
-        init_from=None, resume=True, coordinator_address=None, num_processes=None, process_id=None,
+        mixed_precision: Optional[bool] = None, init_from=None, resume=True, coordinator_address=None, num_processes=None, process_id=None,
         eval_every: Optional[int] = None, eval_max_images: Optional[int] = None, eval_split: str = "val2017",
         **data_args) -> Dict[str, Any]:
     """`detr-jax train`: load the config, apply the overrides, join the hosts, build the data, train.
@@ -441,8 +447,8 @@ def run(config_name: str, workdir, *, num_classes=None, batch_size=None, max_ste
 
     initialize_distributed(coordinator_address, num_processes, process_id)
     config = load_config(config_name)
-    overrides = {k: v for k, v in (("batch_size", batch_size), ("max_steps", max_steps), ("stage", stage))
-                 if v is not None}
+    overrides = {k: v for k, v in (("batch_size", batch_size), ("max_steps", max_steps), ("stage", stage),
+                                   ("mixed_precision", mixed_precision)) if v is not None}
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, **overrides))
     dataset = build_dataset(config, **data_args)
     if num_classes is not None:

@@ -57,6 +57,18 @@ def test_single_image_outputs_match_the_original(reference_model):
     assert_outputs_match(out, ref)
 
 
+def test_the_accelerator_policy_matches_the_original_too(converted_dir):
+    """Dense attention and the whole batch in one program (what runs on a GPU or TPU), on the CPU:
+    the same numbers as the CPU policy's blocked attention."""
+    import detr_jax
+
+    model = detr_jax.load(converted_dir, policy="accelerator")
+    assert model.config.attention == "dense"
+    ref = reference_arrays("forward_single.npz", ["pred_logits", "pred_boxes", "pred_masks", "aux_pred_logits",
+                                                  "aux_pred_boxes"])
+    assert_outputs_match(model(*single_inputs()), ref)
+
+
 def test_single_image_intermediates_match_the_original(reference_model):
     ref = reference_arrays("forward_single.npz")
     if "memory" not in ref:

@@ -6,12 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from detr_jax.checkpoint import DETRModel
 from detr_jax.config import load_config
 from detr_jax.models import DETR, init_variables
 from detr_jax.models.layers import nearest_indices, nearest_resize
 from detr_jax.models.position import sine_position_embedding
 from detr_jax.models.segmentation import GroupNorm, pixel_sums
+from detr_jax.runtime import DETRModel
 
 TINY = load_config("detr_tiny").model
 
@@ -197,13 +197,13 @@ def test_dropout_only_in_training(tiny_model):
 
 def test_compiles_once_per_shape(tiny_model):
     x, mask = random_images([(32, 32)], (32, 32))
-    before = tiny_model._apply._cache_size()
+    before = tiny_model._detect._cache_size()
     tiny_model(x, mask)
     tiny_model(x + 1, mask)
-    assert tiny_model._apply._cache_size() == before + 1
+    assert tiny_model._detect._cache_size() == before + 1
     x2, mask2 = random_images([(32, 64)], (32, 64))
     tiny_model(x2, mask2)
-    assert tiny_model._apply._cache_size() == before + 2
+    assert tiny_model._detect._cache_size() == before + 2
 
 
 @pytest.mark.parametrize("padding_invariant", [True, False])
@@ -214,26 +214,28 @@ def test_a_batch_runs_image_by_image_with_the_batch_outputs(tiny_model, padding_
     assert jax.tree_util.tree_structure(one_by_one) == jax.tree_util.tree_structure(batch)
     for got, want in zip(jax.tree_util.tree_leaves(one_by_one), jax.tree_util.tree_leaves(batch)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    jaxpr = str(tiny_model._apply.trace(tiny_model.variables, x, mask).jaxpr)
-    assert "scan" in jaxpr         # one image at a time (lax.map), not the batch at once
+    assert tiny_model.policy.name == "cpu"
+    assert "while" in tiny_model.lower(x, mask).as_text()   # one image at a time (lax.map), not the batch at once
     assert "scan" not in str(jax.make_jaxpr(lambda a, b: tiny_model.module.apply(tiny_model.variables, a, b))(x, mask))
 
 
 def test_a_query_mask_is_the_same_whichever_queries_get_masks(tiny_model):
-    """All queries, the K best or those over a threshold: the per-query mask head is one program."""
+    """All queries, the K best or those over a threshold: the per-query mask head is one program,
+    compiled per query count; the convolutions over another count of queries may sum in another
+    order on some CPUs (seen: 1.1e-6 on values ~1), nothing more."""
     x, mask = random_images([(64, 80), (50, 70)], (64, 96), seed=3)
     every = np.asarray(tiny_model(x, mask)["pred_masks"])
     for out in (tiny_model(x, mask, mask_queries=5), tiny_model(x, mask, mask_threshold=0.0)):
         chosen = np.asarray(out["mask_query_indices"])[:, :, None, None]
-        np.testing.assert_array_equal(np.take_along_axis(np.asarray(out["pred_masks"]), chosen, 1),
-                                      np.take_along_axis(every, chosen, 1))
+        np.testing.assert_allclose(np.take_along_axis(np.asarray(out["pred_masks"]), chosen, 1),
+                                   np.take_along_axis(every, chosen, 1), rtol=0, atol=1e-5)
 
 
 def test_compiler_memory_is_released_after_each_compilation_only(tiny_model, monkeypatch):
-    from detr_jax import checkpoint
+    from detr_jax import runtime
 
     releases = []
-    monkeypatch.setattr(checkpoint, "release_host_memory", lambda: releases.append(1))
+    monkeypatch.setattr(runtime, "release_host_memory", lambda: releases.append(1))
     x, mask = random_images([(32, 96)], (32, 96))
     assert tiny_model.config.masks
     tiny_model(x, mask)                         # two programs: the model (per-image mask head), the per-query mask head
@@ -243,7 +245,7 @@ def test_compiler_memory_is_released_after_each_compilation_only(tiny_model, mon
     tiny_model(x, mask, mask_threshold=0.0)
     assert len(releases) == 3
     monkeypatch.undo()
-    checkpoint.release_host_memory()            # the real one runs (glibc malloc_trim, or nothing)
+    runtime.release_host_memory()               # the real one runs (glibc malloc_trim, or nothing)
 
 
 def test_convnet_backbone_gives_stride_16_tokens_and_a_stride_4_mask_grid(tiny_convnet_model):

@@ -125,7 +125,7 @@ def test_paths_pil_images_and_arrays_give_the_same_result(tiny_model, tmp_path):
 def test_detection_models_use_coco_names(tiny_model):
     import dataclasses
 
-    from detr_jax.checkpoint import DETRModel
+    from detr_jax.runtime import DETRModel
 
     config = dataclasses.replace(TINY.model, masks=False)   # the same weights without the mask head
     predictor = Predictor(DETRModel(config, tiny_model.variables), threshold=0.0, **SIDES)
@@ -353,7 +353,7 @@ def assert_same_results(top, full):
 
 
 def test_queries_over_threshold_are_the_best_ones_counted_up_to_a_multiple_of_8():
-    from detr_jax.checkpoint import queries_over_threshold
+    from detr_jax.runtime import queries_over_threshold
 
     logits = np.zeros((2, 20, 4))
     logits[..., -1] = 10.0                       # every query says "no object"...

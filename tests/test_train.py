@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from detr_jax import checkpoint, optim
+from detr_jax import checkpoint, optim, runtime
 from detr_jax.config import TrainConfig, load_config
 from detr_jax.data.coco import CocoPanoptic
 from detr_jax.data.synthetic import ensure_synthetic
@@ -274,7 +274,7 @@ def test_checkpoints_keep_the_last_n_and_the_export_loads(overfit):
     workdir, state = overfit["workdir"], overfit["result"]["state"]
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [OVERFIT_STEPS - 50, OVERFIT_STEPS]
     assert int(state.step) == OVERFIT_STEPS
-    model = checkpoint.load(workdir / "model")
+    model = runtime.load(workdir / "model")
     assert model.config == dataclasses.replace(overfit["config"].model, dropout=0.0)
     exported = flat(model.variables)
     for key, value in flat({"params": state.params, "buffers": state.buffers}).items():
@@ -283,7 +283,7 @@ def test_checkpoints_keep_the_last_n_and_the_export_loads(overfit):
 
 @pytest.mark.slow  # shares one 400-step run; compiling the step takes 1-6 min on a busy CPU
 def test_mask_stage_from_a_checkpoint_trains_only_the_mask_head(overfit, dataset, tmp_path):
-    source = flat(checkpoint.load(overfit["workdir"] / "model").variables)
+    source = flat(runtime.load(overfit["workdir"] / "model").variables)
     config = fixed_size_config(max_steps=2, stage="masks", log_every=1)
     result = train(config, tmp_path, dataset, init_from=overfit["workdir"] / "model", progress=False)
     final = flat({"params": result["state"].params, "buffers": result["state"].buffers})

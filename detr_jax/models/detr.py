@@ -4,33 +4,37 @@ Inputs: `pixel_values` float32 [B, H, W, 3], normalized with the ImageNet mean/s
 at the bottom/right; `pixel_mask` bool [B, H, W], True on real pixels and False on padding
 (the original DETR passes the opposite polarity, True on padding).
 
-Outputs (dict):
-  pred_logits  [B, Q, num_classes + 1]  the last logit is "no object"
-  pred_boxes   [B, Q, 4]                (cx, cy, w, h) in [0, 1] of each unpadded image
-  pred_masks   [B, Q, H/4, W/4]          mask logits on the padded stride-4 grid (panoptic only)
+`DETR.__call__` returns one schema (dict), whatever its arguments:
+  pred_logits  [B, Q, num_classes + 1]  float32; the last logit is "no object"
+  pred_boxes   [B, Q, 4]                float32 (cx, cy, w, h) in [0, 1] of each unpadded image
+  pred_masks   [B, Q, H/4, W/4]          float32 mask logits of every query on the padded stride-4
+                                        grid (panoptic models only)
   aux_outputs  list of dec_layers - 1 dicts with pred_logits / pred_boxes of earlier layers
+               (when `config.aux_loss`)
 
-Masks of selected queries only (`mask_queries=K`, inference): the post-processors use only queries
-whose best real-class probability passes a threshold, so the mask head (most of the panoptic
-model's FLOPs) can run on the K best queries alone.  `pred_masks` keeps its [B, Q, ...] layout with
-`MASK_FILL` for the others, and `mask_score_cutoff` [B] gives the best score left out: when it
-passes the caller's threshold, run again with all queries (exact either way).  Exact in one go:
-`mask_queries=0` runs only the per-image part of the mask head and returns what its per-query part
-needs as `mask_inputs` (a dict of arrays); `mask_logits(config, params, mask_inputs, indices)` then
-runs that part on any chosen queries (`DETRModel`'s `mask_threshold`: the queries over a threshold,
-their count rounded up to a multiple of 8; one compile per count).
+The mask head (most of the panoptic model's FLOPs) on chosen queries only is two explicit methods,
+called with `module.apply(variables, ..., method=...)`:
+  `DETR.detect`: the outputs above without `pred_masks`, and the `MaskFeatures` (the per-image part
+    of the mask head and what its per-query part reads);
+  `DETR.masks_of_queries(features, query_indices)`: mask logits [B, K, H/4, W/4] of the queries
+    `query_indices` int [B, K], the same values as `pred_masks` at those queries.
+Which queries get masks at inference is the runtime's policy (`detr_jax.runtime`).
 
 Padding: with `padding_invariant=True` (the default) every image in a padded batch gives what it
 gives alone, unpadded: activations outside each image's valid region are zeroed after every
 backbone and mask-head layer, GroupNorm statistics skip the padding, and feature masks come from
 the exact stride arithmetic.  `padding_invariant=False` reproduces the original, where padding
 changes the results (feature masks by nearest interpolation of the pixel mask).
+
+Execution: `config.attention` chooses the attention implementation ("dense" or "blocked", the same
+values) and `config.dtype` the compute dtype (parameters stay float32; outputs are float32).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -41,46 +45,28 @@ from detr_jax.models.position import sine_position_embedding
 from detr_jax.models.segmentation import MaskHeadSmallConv, MHAttentionMap
 from detr_jax.models.transformer import Transformer
 
-
-MASK_FILL = -1e4   # mask logit of queries skipped by `mask_queries` (sigmoid = 0)
-
-
-def select_mask_queries(logits: jnp.ndarray, k: int):
-    """Indices [B, k] of the queries with the best real-class probability (k < Q), and the best
-    score left out [B] (a query passes a threshold t only if it is selected or cutoff > t)."""
-    scores = jax.nn.softmax(logits, axis=-1)[..., :-1].max(axis=-1)
-    top, indices = jax.lax.top_k(scores, k + 1)
-    return indices[:, :k], top[:, k]
+ABSTRACT_IMAGE_HW = (64, 64)   # the dummy image size that variable trees are built with (any size works)
 
 
-def fill_skipped_masks(masks: jnp.ndarray, indices: jnp.ndarray, num_queries: int) -> jnp.ndarray:
-    """Masks [B, K, h, w] of the queries `indices` [B, K] -> [B, num_queries, h, w], `MASK_FILL`
-    for the queries not in `indices`."""
-    b = masks.shape[0]
-    full = jnp.full((b, num_queries, *masks.shape[2:]), MASK_FILL, jnp.float32)
-    return full.at[jnp.arange(b)[:, None], indices].set(masks)
+@flax.struct.dataclass
+class MaskFeatures:
+    """What the mask head's per-query part reads, from `DETR.detect` (arrays lead with the batch).
 
+    queries   [B, Q, C]           the last decoder layer's output (after its LayerNorm)
+    memory    [B, h, w, C]        the encoder output at stride 32 (16 with DC5)
+    valid     bool [B, h, w]      the feature mask of `memory`
+    shared    [B, h, w, C + heads] lay1's convolution of the projected features (with its bias)
+    adapters  tuple of 3           adapter1..3 of backbone stages 3, 2, 1
+    sizes     tuple of 4           int32 [B, 2] valid sizes of [memory, stage 3, 2, 1], or Nones
+                                  (`padding_invariant=False`)
+    """
 
-def mask_modules(cfg: ModelConfig, named: bool = False):
-    """(bbox_attention, mask_head) modules of the panoptic model, named as in DETR's tree when `named`."""
-    dt = jnp.dtype(cfg.dtype)
-    names = ("bbox_attention", "mask_head") if named else (None, None)
-    return (MHAttentionMap(cfg.hidden_dim, cfg.num_heads, dt, name=names[0]),
-            MaskHeadSmallConv(cfg.hidden_dim, cfg.num_heads, dt, name=names[1]))
-
-
-def mask_logits(config: ModelConfig, params: Dict[str, Any], mask_inputs: Dict[str, Any],
-                query_indices: jnp.ndarray) -> jnp.ndarray:
-    """Mask logits float32 [B, K, H/4, W/4] of the queries `query_indices` int [B, K], from the
-    `mask_inputs` of a `mask_queries=0` run (which did the per-image part of the mask head) and
-    the model's `params`: the same values as the full model gives for those queries."""
-    attention_module, head = mask_modules(config)
-    queries = jnp.take_along_axis(mask_inputs["queries"], query_indices[..., None], axis=1)
-    attention = attention_module.apply({"params": params["bbox_attention"]}, queries, mask_inputs["memory"],
-                                       mask_inputs["valid"])
-    masks = head.apply({"params": params["mask_head"]}, mask_inputs["shared"], mask_inputs["adapters"], attention,
-                       mask_inputs["sizes"], method=MaskHeadSmallConv.query_masks)
-    return masks.astype(jnp.float32)
+    queries: jnp.ndarray
+    memory: jnp.ndarray
+    valid: jnp.ndarray
+    shared: jnp.ndarray
+    adapters: Tuple[jnp.ndarray, ...]
+    sizes: Tuple[Optional[jnp.ndarray], ...]
 
 
 class MLP(nn.Module):
@@ -110,30 +96,48 @@ class DETR(nn.Module):
 
     config: ModelConfig
 
-    @nn.compact
+    def setup(self):
+        cfg = self.config
+        dt = jnp.dtype(cfg.dtype)
+        self.backbone = ConvNet(CONVNET_WIDTHS[cfg.backbone], dt) if cfg.is_convnet else \
+            ResNet(cfg.resnet_depths, cfg.resnet_width, cfg.dilation, dt)
+        self.input_proj = Conv1x1(cfg.hidden_dim, dtype=dt)
+        # N(0, 1) as PyTorch's nn.Embedding (flax's default has std 1/sqrt(hidden_dim)): with
+        # queries ~11x smaller than the sine positions, trained-from-scratch queries stayed alike
+        # and all predicted the same blob (the demo's box AP: 1.1 after 2000 steps)
+        self.query_embed = nn.Embed(cfg.num_queries, cfg.hidden_dim, embedding_init=nn.initializers.normal(1.0))
+        self.transformer = Transformer(cfg.hidden_dim, cfg.num_heads, cfg.dim_feedforward, cfg.enc_layers,
+                                       cfg.dec_layers, cfg.dropout, cfg.pre_norm, dt, cfg.attention)
+        self.class_embed = nn.Dense(cfg.num_logits, dtype=dt)
+        self.bbox_embed = MLP(cfg.hidden_dim, 4, 3, dt)
+        if cfg.masks:
+            self.bbox_attention = MHAttentionMap(cfg.hidden_dim, cfg.num_heads, dt)
+            self.mask_head = MaskHeadSmallConv(cfg.hidden_dim, cfg.num_heads, dt)
+
     def __call__(self, pixel_values: jnp.ndarray, pixel_mask: jnp.ndarray, *, train: bool = False,
-                 padding_invariant: bool = True, mask_queries: Optional[int] = None) -> Dict[str, Any]:
+                 padding_invariant: bool = True) -> Dict[str, Any]:
+        """The outputs of the module docstring: logits, boxes, every query's masks (panoptic), aux."""
+        out, features = self.detect(pixel_values, pixel_mask, train=train, padding_invariant=padding_invariant)
+        if self.config.masks:
+            out["pred_masks"] = self._masks(features, features.queries)
+        return out
+
+    def detect(self, pixel_values: jnp.ndarray, pixel_mask: jnp.ndarray, *, train: bool = False,
+               padding_invariant: bool = True) -> Tuple[Dict[str, Any], Optional[MaskFeatures]]:
+        """(outputs without `pred_masks`, `MaskFeatures` or None for a detection model)."""
         cfg = self.config
         dt = jnp.dtype(cfg.dtype)
         sizes = image_sizes_from_mask(pixel_mask) if padding_invariant else None
-        backbone = ConvNet(CONVNET_WIDTHS[cfg.backbone], dt, name="backbone") if cfg.is_convnet else \
-            ResNet(cfg.resnet_depths, cfg.resnet_width, cfg.dilation, dt, name="backbone")
-        features, feature_sizes = backbone(pixel_values, sizes)
+        features, feature_sizes = self.backbone(pixel_values, sizes)
         layer4 = features[-1]
         hw = layer4.shape[1:3]
         valid = valid_mask(feature_sizes[-1], hw) if padding_invariant else feature_masks(pixel_mask, hw)
         pos = sine_position_embedding(valid, cfg.hidden_dim // 2).astype(dt)
-        src = Conv1x1(cfg.hidden_dim, dtype=dt, name="input_proj")(layer4)
-        # N(0, 1) as PyTorch's nn.Embedding (flax's default has std 1/sqrt(hidden_dim)): with
-        # queries ~11x smaller than the sine positions, trained-from-scratch queries stayed alike
-        # and all predicted the same blob (the demo's box AP: 1.1 after 2000 steps)
-        query_embed = nn.Embed(cfg.num_queries, cfg.hidden_dim, embedding_init=nn.initializers.normal(1.0),
-                               name="query_embed").embedding
+        src = self.input_proj(layer4)
         b = src.shape[0]
         flat = lambda t: t.reshape(b, -1, t.shape[-1])  # noqa: E731
-        hs, memory = Transformer(cfg.hidden_dim, cfg.num_heads, cfg.dim_feedforward, cfg.enc_layers,
-                                 cfg.dec_layers, cfg.dropout, cfg.pre_norm, dt, name="transformer")(
-            flat(src), valid.reshape(b, -1), flat(pos), query_embed, deterministic=not train)
+        hs, memory = self.transformer(flat(src), valid.reshape(b, -1), flat(pos), self.query_embed.embedding,
+                                      deterministic=not train)
         memory = memory.reshape(src.shape)
         for i, f in enumerate(features):
             self.sow("intermediates", f"backbone_layer{i + 1}", f)
@@ -143,57 +147,60 @@ class DETR(nn.Module):
         self.sow("intermediates", "memory", memory)
         self.sow("intermediates", "decoder_hs", hs)
 
-        logits = nn.Dense(cfg.num_logits, dtype=dt, name="class_embed")(hs).astype(jnp.float32)
-        boxes = nn.sigmoid(MLP(cfg.hidden_dim, 4, 3, dt, name="bbox_embed")(hs).astype(jnp.float32))
+        logits = self.class_embed(hs).astype(jnp.float32)
+        boxes = nn.sigmoid(self.bbox_embed(hs).astype(jnp.float32))
         out: Dict[str, Any] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if cfg.aux_loss:
             out["aux_outputs"] = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])]
-        if cfg.masks:
-            mask_sizes = [feature_sizes[3], feature_sizes[2], feature_sizes[1], feature_sizes[0]] \
-                if padding_invariant else None
-            fpns = [features[2], features[1], features[0]]
-            attention_module, head = mask_modules(cfg, named=True)
-            if mask_queries == 0:   # the per-image part of the mask head here, the per-query part in `mask_logits`
-                sizes = list(mask_sizes) if mask_sizes is not None else [None] * 4
-                shared, adapters = head.shared_features(src, fpns, sizes)
-                out["mask_inputs"] = dict(queries=hs[-1], memory=memory, valid=valid, shared=shared,
-                                          adapters=adapters, sizes=sizes)
-                return out
-            queries = hs[-1]
-            selected = mask_queries is not None and mask_queries < cfg.num_queries
-            if selected:
-                indices, out["mask_score_cutoff"] = select_mask_queries(logits[-1], mask_queries)
-                queries = jnp.take_along_axis(queries, indices[..., None], axis=1)
-            attention = attention_module(queries, memory, valid)
-            self.sow("intermediates", "attention_maps", attention)
-            masks = head(src, attention, fpns, mask_sizes).astype(jnp.float32)
-            if selected:
-                masks = fill_skipped_masks(masks, indices, cfg.num_queries)
-                out["mask_query_indices"] = indices
-            out["pred_masks"] = masks
-        return out
+        if not cfg.masks:
+            return out, None
+        mask_sizes = (feature_sizes[3], feature_sizes[2], feature_sizes[1], feature_sizes[0]) \
+            if padding_invariant else (None,) * 4
+        shared, adapters = self.mask_head.shared_features(src, [features[2], features[1], features[0]],
+                                                          list(mask_sizes))
+        return out, MaskFeatures(queries=hs[-1], memory=memory, valid=valid, shared=shared, adapters=tuple(adapters),
+                                 sizes=mask_sizes)
+
+    def masks_of_queries(self, features: MaskFeatures, query_indices: jnp.ndarray) -> jnp.ndarray:
+        """Mask logits float32 [B, K, H/4, W/4] of the queries `query_indices` int [B, K] (panoptic
+        models), from `detect`'s features: the values `pred_masks` has at those queries."""
+        queries = jnp.take_along_axis(features.queries, query_indices[..., None].astype(jnp.int32), axis=1)
+        return self._masks(features, queries)
+
+    def _masks(self, features: MaskFeatures, queries: jnp.ndarray) -> jnp.ndarray:
+        """The mask head's per-query part on the decoder outputs `queries` [B, K, C]."""
+        attention = self.bbox_attention(queries, features.memory, features.valid)
+        self.sow("intermediates", "attention_maps", attention)
+        masks = self.mask_head.query_masks(features.shared, list(features.adapters), attention, list(features.sizes))
+        return masks.astype(jnp.float32)
 
 
 def build_model(config: ModelConfig) -> DETR:
     return DETR(config)
 
 
-def init_variables(config: ModelConfig, rng, image_hw=(64, 64)) -> Dict[str, Any]:
+def _abstract_inputs(image_hw: Sequence[int] = ABSTRACT_IMAGE_HW):
+    return jnp.zeros((1, *image_hw, 3), jnp.float32), jnp.ones((1, *image_hw), bool)
+
+
+def abstract_variables(config: ModelConfig) -> Dict[str, Any]:
+    """The variable tree of `config` ({'params', 'buffers'} for a ResNet) as `jax.ShapeDtypeStruct`
+    leaves, float32 whatever `config.dtype`: nothing is allocated.  The one place that builds the
+    tree without its values (checkpoint restore, the converter's expected shapes, the optimizer's
+    parameter labels)."""
+    return jax.eval_shape(DETR(config).init, jax.random.PRNGKey(0), *_abstract_inputs())
+
+
+def init_variables(config: ModelConfig, rng, image_hw=ABSTRACT_IMAGE_HW) -> Dict[str, Any]:
     """Random variables (`params` and the frozen-BN `buffers`) for `config`, deterministic in `rng`.
 
     The initializers draw from an `rbg` key derived from `rng`: XLA compiles its RngBitGenerator
     about 4x faster on the CPU than threefry expanded for every parameter (11 s vs 39 s for the
     tiny config).
     """
-    import jax
-
     key = jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl="rbg")
-    x = jnp.zeros((1, *image_hw, 3), jnp.float32)
-    m = jnp.ones((1, *image_hw), bool)
-    return jax.jit(DETR(config).init)(key, x, m)
+    return jax.jit(DETR(config).init)(key, *_abstract_inputs(image_hw))
 
 
 def count_params(variables: Optional[Dict[str, Any]]) -> int:
-    import jax
-
     return sum(int(x.size) for x in jax.tree_util.tree_leaves(variables.get("params", {})))

@@ -21,8 +21,8 @@ def layer_norm(name: str, dtype: Any) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, dtype=dtype, name=name)
 
 
-ATTENTION_QUERY_CHUNK = 512   # queries of one head per block
-BLOCKED_ABOVE = 256           # query sequences longer than this run in blocks (the encoder's)
+ATTENTION_QUERY_CHUNK = 512   # queries of one head per block (blocked attention)
+BLOCKED_ABOVE = 256           # blocked attention: query sequences longer than this run in blocks
 
 
 def query_blocks(num_queries: int, limit: int) -> Tuple[int, int]:
@@ -37,27 +37,31 @@ def map_blocks(fn, xs):
     return jax.lax.map(fn, xs)
 
 
-def attention_core(q, k, v, key_valid=None, *, dropout: float = 0.0, rng=None,
-                   query_chunk: Optional[int] = ATTENTION_QUERY_CHUNK, dtype: Any = jnp.float32):
-    """softmax(q k^T) v with dropout on the weights.  q [B, Nq, H, D] (already scaled), k and v
-    [B, Nk, H, D], key_valid bool [B, Nk] -> [B, Nq, H, D].  `rng`: dropout key (None: no dropout).
+def dense_attention(q, k, v, key_valid=None, *, dropout: float = 0.0, rng=None, dtype: Any = jnp.float32):
+    """softmax(q k^T) v with dropout on the weights, over the whole batch and all heads at once.
 
-    Computed per (image, head) row ([B * H, N, D]) with the softmax normalized after the product
-    with v: exp(l - max) v / sum(exp(l - max)) divides [Nq, D] values instead of [Nq, Nk]
-    weights, one pass less over the largest tensor (the same values up to float rounding; dropout
-    commutes with the division).
+    q [B, Nq, H, D] (already scaled), k and v [B, Nk, H, D], key_valid bool [B, Nk] (False =
+    padding, weight 0) -> [B, Nq, H, D].  `rng`: dropout key (None: no dropout).  Logits and the
+    softmax in float32 whatever `dtype`.  One expression of einsums that XLA fuses on every
+    backend: the default implementation (`ModelConfig.attention="dense"`).
+    """
+    return _attention_core(q, k, v, key_valid, dropout=dropout, rng=rng, query_chunk=None, dtype=dtype)
+
+
+def blocked_attention(q, k, v, key_valid=None, *, dropout: float = 0.0, rng=None,
+                      query_chunk: int = ATTENTION_QUERY_CHUNK, dtype: Any = jnp.float32):
+    """`dense_attention`'s values, computed to keep memory low on a CPU (`attention="blocked"`).
+
     Long query sequences (more than `BLOCKED_ABOVE`: the encoder's thousands of tokens) run as a
-    loop over blocks of at most `query_chunk` queries of ONE head, each block under
+    sequential loop over blocks of at most `query_chunk` queries of ONE head, each block under
     `jax.checkpoint`: only one block's [block, Nk] weights are ever live, at inference and in
     training (the backward pass recomputes a block's weights instead of storing [B, H, Nq, Nk]
     weights and dropout masks per layer).  Dropout then draws per block (a key of its own per
-    block).  One encoder layer's core at 800x1066 (3350 tokens, 8 heads of 32), same values:
-    blocks of 128 queries of all 8 heads 189-261 ms, blocks of 512 queries of one head 124-171 ms
-    (median of 9-15, interleaved; a block's 512 x 3350 weights are 6.9 MB instead of 13.7).
-    When every key is valid (an unpadded image), the blocked core skips the masking select
-    (`lax.cond`), the same values.
+    block).  When every key is valid (an unpadded image) the loop skips the masking select
+    (`lax.cond`), with the same values.  Shorter sequences (the decoder's) run as
+    `dense_attention`.  BENCHMARKS.md has the block sizes measured on the CPU.
     """
-    blocked = query_chunk is not None and q.shape[1] > BLOCKED_ABOVE
+    blocked = q.shape[1] > BLOCKED_ABOVE
     core = functools.partial(_attention_core, dropout=dropout, rng=rng, query_chunk=query_chunk if blocked else None,
                              dtype=dtype)
     if blocked and key_valid is not None:     # an unpadded image: no masking pass
@@ -65,9 +69,24 @@ def attention_core(q, k, v, key_valid=None, *, dropout: float = 0.0, rng=None,
     return core(q, k, v, key_valid)
 
 
+ATTENTION_IMPLEMENTATIONS = {"dense": dense_attention, "blocked": blocked_attention}
+
+
+def attention_implementation(name: str):
+    """The attention core named `name` (a key of `ATTENTION_IMPLEMENTATIONS`)."""
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {name!r}; known: {sorted(ATTENTION_IMPLEMENTATIONS)}")
+    return ATTENTION_IMPLEMENTATIONS[name]
+
+
 def _attention_core(q, k, v, key_valid=None, *, dropout: float, rng, query_chunk: Optional[int], dtype: Any):
-    """`attention_core`, in blocks of `query_chunk` queries of one head (None: all at once)
-    always masked by `key_valid` when given."""
+    """softmax(q k^T) v per (image, head) row ([B * H, N, D]), in blocks of `query_chunk` queries
+    of one head (None: all at once), always masked by `key_valid` when given.
+
+    The softmax is normalized after the product with v: exp(l - max) v / sum(exp(l - max))
+    divides [Nq, D] values instead of [Nq, Nk] weights, one pass less over the largest tensor
+    (the same values up to float rounding; dropout commutes with the division).
+    """
     b, nq, heads, d = q.shape
     rows = lambda t: jnp.swapaxes(t, 1, 2).reshape(b * heads, t.shape[1], d)  # noqa: E731  [B*H, N, D]
     q, k, v = rows(q), rows(k), rows(v)
@@ -105,14 +124,15 @@ class MultiheadAttention(nn.Module):
     """`torch.nn.MultiheadAttention` (batch first): separate q/k/v projections and `out_proj`.
 
     `key_valid` bool [B, Nk] marks keys that may be attended to (False = padding).  The core is
-    `attention_core` (long query sequences in blocks of `query_chunk`).
+    the implementation named by `attention` ("dense" or "blocked", `ATTENTION_IMPLEMENTATIONS`):
+    the same values and gradients, computed differently.
     """
 
     dim: int
     num_heads: int
     dropout: float = 0.0
     dtype: Any = jnp.float32
-    query_chunk: Optional[int] = ATTENTION_QUERY_CHUNK
+    attention: str = "dense"
 
     @nn.compact
     def __call__(self, query, key, value, key_valid: Optional[jnp.ndarray] = None, deterministic: bool = True):
@@ -123,8 +143,8 @@ class MultiheadAttention(nn.Module):
         k = split(dense("k_proj")(key))
         v = split(dense("v_proj")(value))
         rng = None if deterministic or self.dropout == 0.0 else self.make_rng("dropout")
-        out = attention_core(q, k, v, key_valid, dropout=self.dropout, rng=rng, query_chunk=self.query_chunk,
-                             dtype=self.dtype)
+        core = attention_implementation(self.attention)
+        out = core(q, k, v, key_valid, dropout=self.dropout, rng=rng, dtype=self.dtype)
         return dense("out_proj")(out.reshape(*query.shape[:2], self.dim))
 
 
@@ -146,11 +166,13 @@ class EncoderLayer(nn.Module):
     dropout: float
     pre_norm: bool = False
     dtype: Any = jnp.float32
+    attention: str = "dense"
 
     @nn.compact
     def __call__(self, src, valid, pos, deterministic: bool = True):
         drop = lambda t: nn.Dropout(self.dropout)(t, deterministic=deterministic)  # noqa: E731
-        attn = MultiheadAttention(self.dim, self.num_heads, self.dropout, self.dtype, name="self_attn")
+        attn = MultiheadAttention(self.dim, self.num_heads, self.dropout, self.dtype, self.attention,
+                                  name="self_attn")
         ffn = lambda t, det: feed_forward(self, t, det)  # noqa: E731
         norm1, norm2 = layer_norm("norm1", self.dtype), layer_norm("norm2", self.dtype)
         if self.pre_norm:
@@ -168,12 +190,15 @@ class DecoderLayer(nn.Module):
     dropout: float
     pre_norm: bool = False
     dtype: Any = jnp.float32
+    attention: str = "dense"
 
     @nn.compact
     def __call__(self, tgt, memory, memory_valid, pos, query_pos, deterministic: bool = True):
         drop = lambda t: nn.Dropout(self.dropout)(t, deterministic=deterministic)  # noqa: E731
-        self_attn = MultiheadAttention(self.dim, self.num_heads, self.dropout, self.dtype, name="self_attn")
-        cross_attn = MultiheadAttention(self.dim, self.num_heads, self.dropout, self.dtype, name="multihead_attn")
+        self_attn = MultiheadAttention(self.dim, self.num_heads, self.dropout, self.dtype, self.attention,
+                                       name="self_attn")
+        cross_attn = MultiheadAttention(self.dim, self.num_heads, self.dropout, self.dtype, self.attention,
+                                        name="multihead_attn")
         ffn = lambda t, det: feed_forward(self, t, det)  # noqa: E731
         norm1, norm2, norm3 = (layer_norm(f"norm{i}", self.dtype) for i in (1, 2, 3))
         if self.pre_norm:
@@ -198,10 +223,12 @@ class Encoder(nn.Module):
     dropout: float
     pre_norm: bool = False
     dtype: Any = jnp.float32
+    attention: str = "dense"
 
     @nn.compact
     def __call__(self, src, valid, pos, deterministic: bool = True):
-        args = (self.dim, self.num_heads, self.dim_feedforward, self.dropout, self.pre_norm, self.dtype)
+        args = (self.dim, self.num_heads, self.dim_feedforward, self.dropout, self.pre_norm, self.dtype,
+                self.attention)
         for i in range(self.num_layers):
             src = EncoderLayer(*args, name=f"layers_{i}")(src, valid, pos, deterministic)
         return layer_norm("norm", self.dtype)(src) if self.pre_norm else src
@@ -217,10 +244,12 @@ class Decoder(nn.Module):
     dropout: float
     pre_norm: bool = False
     dtype: Any = jnp.float32
+    attention: str = "dense"
 
     @nn.compact
     def __call__(self, tgt, memory, memory_valid, pos, query_pos, deterministic: bool = True):
-        args = (self.dim, self.num_heads, self.dim_feedforward, self.dropout, self.pre_norm, self.dtype)
+        args = (self.dim, self.num_heads, self.dim_feedforward, self.dropout, self.pre_norm, self.dtype,
+                self.attention)
         norm = layer_norm("norm", self.dtype)
         hs = []
         for i in range(self.num_layers):
@@ -244,12 +273,14 @@ class Transformer(nn.Module):
     dropout: float = 0.1
     pre_norm: bool = False
     dtype: Any = jnp.float32
+    attention: str = "dense"      # "dense" or "blocked" (see ATTENTION_IMPLEMENTATIONS)
 
     @nn.compact
     def __call__(self, src, valid, pos, query_embed, deterministic: bool = True
                  ) -> Tuple[jnp.ndarray, jnp.ndarray]:
         """src, pos: [B, N, C]; valid: bool [B, N]; query_embed: [Q, C]."""
-        args = (self.dim, self.num_heads, self.dim_feedforward, self.dropout, self.pre_norm, self.dtype)
+        args = (self.dim, self.num_heads, self.dim_feedforward, self.dropout, self.pre_norm, self.dtype,
+                self.attention)
         memory = Encoder(self.enc_layers, *args, name="encoder")(src, valid, pos, deterministic)
         query_pos = jnp.broadcast_to(query_embed.astype(self.dtype), (src.shape[0], *query_embed.shape))
         hs = Decoder(self.dec_layers, *args, name="decoder")(jnp.zeros_like(query_pos), memory, valid, pos,
