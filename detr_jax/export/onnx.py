@@ -225,14 +225,14 @@ def to_onnx_model(fn: Callable, example_args: Sequence[jax.ShapeDtypeStruct], in
 
 
 def join_graphs(parts: Sequence[Any], renames: Dict[str, str], model_name: str):
-    """One ONNX model from `parts` whose graphs pass values by name (`v<key>`): the first part's
-    inputs that no part produces become the model's inputs, the names in `renames` are renamed
-    (the model's inputs and outputs), every other name gets its part's prefix."""
+    """One ONNX model from `parts` whose graphs pass values by name (`v<key>`): the parts' inputs
+    that no earlier part produces become the model's inputs; `renames` names the model's inputs and
+    outputs (outputs in its order); every other name gets its part's prefix."""
     import onnx
 
     shared = {v.name for part in parts for v in list(part.graph.input) + list(part.graph.output)}
     graph = onnx.GraphProto(name=model_name)
-    produced, inputs_seen = set(), set()
+    produced, inputs_seen, outputs = set(), set(), []
     for i, part in enumerate(parts):
         rename = lambda name: renames.get(name, name) if name in shared else (f"p{i}_{name}" if name else name)  # noqa: E731
         for node in part.graph.node:
@@ -258,7 +258,9 @@ def join_graphs(parts: Sequence[Any], renames: Dict[str, str], model_name: str):
         for value in part.graph.output:
             if renames.get(value.name, value.name) != value.name:
                 value.name = renames[value.name]
-                graph.output.append(value)
+                outputs.append(value)
+    order = {name: i for i, name in enumerate(renames.values())}
+    graph.output.extend(sorted(outputs, key=lambda value: order[value.name]))
     opsets = {}
     for part in parts:
         for opset in part.opset_import:

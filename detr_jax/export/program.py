@@ -30,9 +30,9 @@ import jax.numpy as jnp
 
 from detr_jax.config import ModelConfig
 from detr_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from detr_jax.models import transformer
-from detr_jax.models.detr import DETR, mask_logits, select_mask_queries
+from detr_jax.models.detr import DETR
 from detr_jax.postprocess import MASK_STRIDE, box_predictions
+from detr_jax.runtime import top_queries
 
 FORMATS = ("stablehlo", "onnx")
 POSTPROCESS = ("none", "boxes")
@@ -90,31 +90,31 @@ def check_spec(config: ModelConfig, spec: ExportSpec) -> None:
 
 
 def export_config(config: ModelConfig, spec: ExportSpec) -> ModelConfig:
-    """The model config as exported: the requested dtype and no auxiliary outputs."""
-    return dataclasses.replace(config, dtype=spec.dtype, aux_loss=False)
+    """The model config as exported: the requested dtype, dense attention (one program without
+    loops, for every backend and converter) and no auxiliary outputs."""
+    return dataclasses.replace(config, dtype=spec.dtype, aux_loss=False, attention="dense")
 
 
 def serving_function(config: ModelConfig, variables: Dict[str, Any], spec: ExportSpec
                      ) -> Callable[..., Tuple[jnp.ndarray, ...]]:
     """The function exported: inputs and outputs in `contract`'s order (see the module docstring).
 
-    The model runs in its default, padding-invariant mode with dense attention (one program, no
-    loops), so every image of a batch gives what it gives alone.
+    The model runs in its default, padding-invariant mode (every image of a batch gives what it
+    gives alone) with dense attention; `mask_queries=K` selects queries as the runtime does
+    (`runtime.top_queries`) and runs the mask head on them alone (`DETR.masks_of_queries`).
     """
     check_spec(config, spec)
     model = DETR(export_config(config, spec))
 
     def forward(pixel_values, pixel_mask, *orig_sizes):
-        with dense_attention():
-            if config.masks and spec.mask_queries is not None:
-                out = model.apply(variables, pixel_values, pixel_mask, mask_queries=0)
-                indices, _ = select_mask_queries(out["pred_logits"], spec.mask_queries)
-                indices = indices.astype(jnp.int32)
-                masks = mask_logits(model.config, variables["params"], out.pop("mask_inputs"), indices)
-                extra = (masks, indices)
-            else:
-                out = model.apply(variables, pixel_values, pixel_mask)
-                extra = (out["pred_masks"],) if config.masks else ()
+        if config.masks and spec.mask_queries is not None:
+            out, features = model.apply(variables, pixel_values, pixel_mask, method=DETR.detect)
+            indices, _ = top_queries(out["pred_logits"], spec.mask_queries)
+            masks = model.apply(variables, features, indices, method=DETR.masks_of_queries)
+            extra = (masks, indices.astype(jnp.int32))
+        else:
+            out = model.apply(variables, pixel_values, pixel_mask)
+            extra = (out["pred_masks"],) if config.masks else ()
         if spec.postprocess == "boxes":
             boxes = box_predictions(out["pred_logits"], out["pred_boxes"], orig_sizes[0])
             head = (boxes["scores"], boxes["labels"], boxes["boxes"])
@@ -123,17 +123,6 @@ def serving_function(config: ModelConfig, variables: Dict[str, Any], spec: Expor
         return head + extra
 
     return forward
-
-
-class dense_attention:
-    """Within this context the transformer attends over all queries at once (no block loop)."""
-
-    def __enter__(self):
-        self._saved = transformer.BLOCKED_ABOVE
-        transformer.BLOCKED_ABOVE = 1 << 62
-
-    def __exit__(self, *exc):
-        transformer.BLOCKED_ABOVE = self._saved
 
 
 def _tensor(name: str, shape: List[Any], dtype: str, doc: str) -> Dict[str, Any]:
