@@ -32,6 +32,15 @@ def input_specs(contract_data: Dict[str, Any]):
     return [(tuple(t["shape"]), jnp.dtype(t["dtype"])) for t in contract_data["inputs"]]
 
 
+def check_request(config: ModelConfig, format: str, spec: ExportSpec) -> None:
+    """Raise ValueError naming the problem when `config` cannot be exported to `format` as `spec` says."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; known: {list(FORMATS)}")
+    check_spec(config, spec)
+    if format == "onnx" and spec.batch is None:
+        raise ValueError("ONNX export takes a fixed batch size (--batch N); a dynamic batch is for StableHLO")
+
+
 def export_model(config: ModelConfig, variables: Dict[str, Any], out, *, format: str, spec: ExportSpec
                  ) -> pathlib.Path:
     """Export the model (`config`, `variables`) as `spec` says into the folder `out` (created).
@@ -39,11 +48,7 @@ def export_model(config: ModelConfig, variables: Dict[str, Any], out, *, format:
     Returns the artifact's path.  Raises ValueError for an unknown format or a spec the model
     cannot take (`program.check_spec`: sizes must be multiples of the output stride).
     """
-    if format not in FORMATS:
-        raise ValueError(f"unknown export format {format!r}; known: {list(FORMATS)}")
-    check_spec(config, spec)
-    if format == "onnx" and spec.batch is None:
-        raise ValueError("ONNX export takes a fixed batch size (--batch N); a dynamic batch is for StableHLO")
+    check_request(config, format, spec)
     io = contract(config, spec)
     fn = serving_function(config, variables, spec)
     folder = pathlib.Path(out)
@@ -68,9 +73,9 @@ def export_checkpoint(checkpoint, out, *, format: str, spec: ExportSpec) -> path
     """`export_model` of a detr-jax checkpoint folder (see `detr_jax.checkpoint`)."""
     from detr_jax.checkpoint import load_variables, read_config
 
-    if format not in FORMATS:     # before reading the weights
+    if format not in FORMATS:     # before reading anything
         raise ValueError(f"unknown export format {format!r}; known: {list(FORMATS)}")
     config = read_config(checkpoint)
-    check_spec(config, spec)
+    check_request(config, format, spec)     # before reading the weights
     variables = jax.tree_util.tree_map(np.asarray, load_variables(checkpoint, config))
     return export_model(config, variables, out, format=format, spec=spec)
