@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import pathlib
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -92,6 +92,13 @@ class Program:
     BatchNorm's scale and shift, iotas, reshaped weights) unless its output outgrows its inputs
     (a broadcast to a feature map's shape stays a broadcast): the same XLA arithmetic as the
     model's program, and a smaller graph.
+
+    `lifted`: constants broadcast to more than `FOLD_MAX_ELEMENTS` values (a bias or the zero of
+    a `where` over the mask head's [B * Q, h, w, C] maps).  jax2onnx stores the broadcast of a
+    constant as a constant of the broadcast shape (R50-DC5 panoptic, batch 2 at 320x480: 2.2 GB
+    of initializers for 172 MB of weights, over protobuf's 2 GB limit); these constants are
+    therefore passed to the pieces as inputs, so that the broadcast stays an Expand, and
+    `join_graphs` stores them once, as they are.
     """
 
     def __init__(self, closed: "jcore.ClosedJaxpr") -> None:
@@ -99,16 +106,24 @@ class Program:
         self.values: Dict[int, Any] = {}
         self.avals: Dict[int, Any] = {}
         self.steps: List[_Step] = []
-        consts = [self._constant(c) for c in closed.consts]
+        consts = [self._constant(c, v.aval) for c, v in zip(closed.consts, closed.jaxpr.constvars)]
         self.inputs = [self._variable(v) for v in closed.jaxpr.invars]
         self.outputs = self._flatten(closed.jaxpr, consts + self.inputs)
         self._fold()
         self._drop_dead()
+        self.lifted = {step.inputs[0] for step in self.steps
+                       if step.primitive.name == "broadcast_in_dim" and step.inputs[0] in self.values
+                       and int(np.prod(step.params["shape"])) > FOLD_MAX_ELEMENTS}
 
-    def _constant(self, value) -> int:
+    def _constant(self, value, aval=None) -> int:
         key = next(self._keys)
         self.values[key] = value
+        self.avals[key] = aval if aval is not None else jax.typeof(value)
         return key
+
+    def constant(self, key: int) -> np.ndarray:
+        """The value of the constant `key` as numpy, in its JAX dtype."""
+        return np.asarray(self.values[key], dtype=self.avals[key].dtype)
 
     def _variable(self, var) -> int:
         key = next(self._keys)
@@ -119,7 +134,7 @@ class Program:
         env = dict(zip(list(jaxpr.constvars) + list(jaxpr.invars), keys))
 
         def key_of(var):
-            return self._constant(var.val) if isinstance(var, jcore.Literal) else env[var]
+            return self._constant(var.val, var.aval) if isinstance(var, jcore.Literal) else env[var]
 
         for eqn in jaxpr.eqns:
             inputs = [key_of(v) for v in eqn.invars]
@@ -127,7 +142,8 @@ class Program:
             if name in _CALLS and _CALLS[name] in eqn.params:
                 inner = eqn.params[_CALLS[name]]
                 if isinstance(inner, jcore.ClosedJaxpr):
-                    outputs = self._flatten(inner.jaxpr, [self._constant(c) for c in inner.consts] + inputs)
+                    inner_consts = [self._constant(c, v.aval) for c, v in zip(inner.consts, inner.jaxpr.constvars)]
+                    outputs = self._flatten(inner.jaxpr, inner_consts + inputs)
                 else:
                     outputs = self._flatten(inner, inputs)
             else:
@@ -145,7 +161,8 @@ class Program:
                 outs = step.primitive.bind(*inputs, **step.params)
                 outs = outs if step.primitive.multiple_results else [outs]
                 if all(int(np.size(o)) <= largest for o in outs):
-                    self.values.update(zip(step.outputs, outs))
+                    for key, value in zip(step.outputs, outs):
+                        self.values[key] = value
                     continue
             kept.append(step)
         self.steps = kept
@@ -159,6 +176,7 @@ class Program:
                 kept.append(step)
         self.steps = kept[::-1]
         self.values = {k: v for k, v in self.values.items() if k in live}
+        self.avals = {k: v for k, v in self.avals.items() if k in live}
 
     def __call__(self, *args) -> Tuple[Any, ...]:
         """The program's outputs for `args` (the jaxpr's inputs), rewrites applied."""
@@ -184,7 +202,8 @@ class Program:
         size = -(-len(self.steps) // count)
         pieces = [self.steps[i:i + size] for i in range(0, len(self.steps), size)] or [[]]
         produced = [{k for step in piece for k in step.outputs} for piece in pieces]
-        read = [{k for step in piece for k in step.inputs if k not in self.values} for piece in pieces]
+        read = [{k for step in piece for k in step.inputs if k not in self.values or k in self.lifted}
+                for piece in pieces]
         result = []
         for i, piece in enumerate(pieces):
             inputs = sorted(read[i] - produced[i])
@@ -215,21 +234,26 @@ def to_onnx_model(fn: Callable, example_args: Sequence[jax.ShapeDtypeStruct], in
     program = Program(jax.make_jaxpr(fn)(*example_args))
     parts = []
     for inputs, steps, outputs in program.segments(segment_steps):
-        specs = [jax.ShapeDtypeStruct(program.avals[k].shape, program.avals[k].dtype) for k in inputs]
+        specs = [jax.ShapeDtypeStruct(np.shape(program.avals[k]), program.avals[k].dtype) for k in inputs]
         parts.append(to_onnx(program.segment(inputs, steps, outputs), specs, model_name=model_name,
                              input_names=[_value_name(k) for k in inputs],
                              output_names=[_value_name(k) for k in outputs]))
     renames = {_value_name(k): name for k, name in zip(program.inputs + program.outputs,
                                                        list(input_names) + list(output_names))}
-    return join_graphs(parts, renames, model_name)
+    constants = {_value_name(k): program.constant(k) for k in program.lifted}
+    return join_graphs(parts, renames, model_name, constants)
 
 
-def join_graphs(parts: Sequence[Any], renames: Dict[str, str], model_name: str):
+def join_graphs(parts: Sequence[Any], renames: Dict[str, str], model_name: str,
+                constants: Optional[Dict[str, np.ndarray]] = None):
     """One ONNX model from `parts` whose graphs pass values by name (`v<key>`): the parts' inputs
     that no earlier part produces become the model's inputs; `renames` names the model's inputs and
-    outputs (outputs in its order); every other name gets its part's prefix."""
+    outputs (outputs in its order); the parts' inputs named in `constants` become initializers
+    of these values; every other name gets its part's prefix."""
     import onnx
+    import onnx.numpy_helper
 
+    constants = constants or {}
     shared = {v.name for part in parts for v in list(part.graph.input) + list(part.graph.output)}
     graph = onnx.GraphProto(name=model_name)
     produced, inputs_seen, outputs = set(), set(), []
@@ -249,8 +273,11 @@ def join_graphs(parts: Sequence[Any], renames: Dict[str, str], model_name: str):
         for value in part.graph.input:
             if value.name not in produced and value.name not in inputs_seen:
                 inputs_seen.add(value.name)
-                value.name = rename(value.name)
-                graph.input.append(value)
+                if value.name in constants:
+                    graph.initializer.append(onnx.numpy_helper.from_array(constants[value.name], value.name))
+                else:
+                    value.name = rename(value.name)
+                    graph.input.append(value)
         produced.update(v.name for v in part.graph.output)
         graph.node.extend(part.graph.node)
         graph.initializer.extend(part.graph.initializer)
