@@ -132,6 +132,8 @@ def test_onnx_runs_in_onnxruntime_alone(tiny_checkpoint, tmp_path):
     (["--format", "onnx", "--height", "70"], "height 70 is not a positive multiple of 32"),
     (["--format", "stablehlo", "--width", "0"], "width 0 is not a positive multiple of 32"),
     (["--format", "onnx", "--batch", "dynamic"], "ONNX export takes a fixed batch size"),
+    (["--format", "onnx", "--dtype", "bfloat16"], "ONNX export computes in float32 only"),
+    (["--format", "stablehlo", "--dtype", "float16"], "unknown dtype 'float16'"),
     (["--format", "stablehlo", "--mask-queries", "12"], "mask_queries must be between 1 and 11"),
 ])
 def test_a_bad_request_fails_with_a_clear_message(tiny_checkpoint, tmp_path, capsys, args, message):
@@ -139,6 +141,19 @@ def test_a_bad_request_fails_with_a_clear_message(tiny_checkpoint, tmp_path, cap
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_stablehlo_in_bfloat16_keeps_float32_inputs_and_outputs(tiny_checkpoint, tmp_path):
+    import jax
+
+    spec = ExportSpec(*TINY_HW, batch=2, dtype="bfloat16")
+    export_checkpoint(tiny_checkpoint, tmp_path, format="stablehlo", spec=spec)
+    exported = jax.export.deserialize(bytearray((tmp_path / "model.stablehlo").read_bytes()))
+    logits, boxes, masks = [np.asarray(x) for x in exported.call(*tiny_inputs(2))]
+    want = jax_outputs(tiny_checkpoint, ExportSpec(*TINY_HW, batch=2), *tiny_inputs(2))
+    assert logits.dtype == boxes.dtype == masks.dtype == np.float32
+    np.testing.assert_allclose(boxes, want[1], atol=0.05)        # bfloat16 keeps 8 bits of mantissa
+    assert np.abs(logits - want[0]).max() < 0.1 * np.abs(want[0]).max()
 
 
 @pytest.mark.slow

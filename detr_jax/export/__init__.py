@@ -39,6 +39,9 @@ def check_request(config: ModelConfig, format: str, spec: ExportSpec) -> None:
     check_spec(config, spec)
     if format == "onnx" and spec.batch is None:
         raise ValueError("ONNX export takes a fixed batch size (--batch N); a dynamic batch is for StableHLO")
+    if format == "onnx" and spec.dtype != "float32":
+        raise ValueError(f"ONNX export computes in float32 only: onnxruntime's CPU kernels have no {spec.dtype} "
+                         f"Einsum, so the graph would not load; export {spec.dtype} to StableHLO")
 
 
 def export_model(config: ModelConfig, variables: Dict[str, Any], out, *, format: str, spec: ExportSpec
