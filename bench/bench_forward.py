@@ -23,14 +23,11 @@ import common  # noqa: E402
 
 
 def random_variables(config, seed=0):
-    import jax
-    import jax.numpy as jnp
     from flax.traverse_util import flatten_dict, unflatten_dict
 
-    from detr_jax.models import DETR
+    from detr_jax.models import abstract_variables
 
-    shapes = jax.eval_shape(DETR(config).init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)),
-                            jnp.ones((1, 64, 64), bool))
+    shapes = abstract_variables(config)
     rng = np.random.default_rng(seed)
     flat = {}
     for path, s in flatten_dict(shapes).items():
