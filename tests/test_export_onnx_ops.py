@@ -2,11 +2,13 @@
 model's own formulations, converted as `detr-jax export --format onnx` converts them (from
 primitives, with `detr_jax.export.onnx.REWRITES`), give JAX's numbers on small inputs.
 
-The divergences found in the first probe (R50-DC5 panoptic at 320x480: masks 79x119 instead of
-80x120, logits off by up to 10) came from jax2onnx's lowering of Flax's `nn.max_pool` (explicit
-padding dropped); the primitive path then met two more: the max-pool's `reduce_window_max`
-lowered to a MaxPool over four spatial axes, which onnxruntime refuses, and `(n + 1) // 2` on
-integers lowered to ONNX `Mean`, which has no integer version.
+The first probe (R50-DC5 panoptic at 320x480 through Flax-level conversion: masks 79x119 instead
+of 80x120, logits off by up to 10) went through jax2onnx's own lowering of Flax's `nn.max_pool`,
+which reads its explicit padding as a string and pools without it (one row and column short,
+everything after it shifted); the export converts primitives instead, where two more divergences
+showed: the max-pool's `reduce_window_max` lowered to a MaxPool over four spatial axes, which
+onnxruntime refuses, and `(n + 1) // 2` on integers lowered to ONNX `Mean`, which has no integer
+version.  Both have rewrites (`REWRITES`); every other operation below converts as it is.
 """
 import numpy as np
 import pytest

@@ -1,7 +1,8 @@
 """ONNX export through jax2onnx, from JAX primitives.
 
-The serving function is first traced to a jaxpr (the model's own arithmetic, untouched); the
-function handed to `jax2onnx.to_onnx` replays that jaxpr primitive by primitive.  Two reasons:
+The serving function is first traced to a jaxpr (the model's own arithmetic, untouched) and
+flattened into a `Program` of primitives; the functions handed to `jax2onnx.to_onnx` replay it
+primitive by primitive, in pieces joined afterwards (`to_onnx_model`).  Two reasons:
 - jax2onnx substitutes its own lowerings for some Flax and jax.numpy calls made while it traces
   (`nn.max_pool`, `nn.Conv`, `jnp.einsum`, ...); replaying primitives keeps exactly the
   operations JAX runs, whatever the model calls;
@@ -9,7 +10,7 @@ function handed to `jax2onnx.to_onnx` replays that jaxpr primitive by primitive.
   an equivalent formulation with the same numbers, in this file only (the model keeps its one
   code path).
 
-Rewrites (each checked against JAX and onnxruntime in tests/test_export_onnx.py):
+Rewrites (each checked against JAX and onnxruntime in tests/test_export_onnx_ops.py):
 - `reduce_window_max` (the ResNet stem's 3x3/2 max-pool, NHWC): jax2onnx lowers a window over
   all four axes to a MaxPool with four spatial axes, which onnxruntime refuses ("Unsupported
   pooling size"); the rewrite pads with -inf and takes the maximum of the window's strided slices.
