@@ -103,6 +103,7 @@ def test_the_contract_names_shapes_polarity_and_normalization(stablehlo_export):
     assert contract["normalization"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert contract["normalization"]["std"] == pytest.approx([0.229, 0.224, 0.225])
     assert contract["format"] == "stablehlo" and contract["artifact"] == "model.stablehlo"
+    assert contract["platforms"] == ["cpu"]
 
 
 def test_onnx_runs_in_onnxruntime_alone(tiny_checkpoint, tmp_path):

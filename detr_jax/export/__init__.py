@@ -59,7 +59,9 @@ def export_model(config: ModelConfig, variables: Dict[str, Any], out, *, format:
     if format == "stablehlo":
         from detr_jax.export.stablehlo import export_stablehlo, symbolic_args, write_stablehlo
 
-        path = write_stablehlo(export_stablehlo(fn, symbolic_args(input_specs(io))), folder)
+        exported = export_stablehlo(fn, symbolic_args(input_specs(io)))
+        path = write_stablehlo(exported, folder)
+        io["platforms"] = list(exported.platforms)
     else:
         from detr_jax.export.onnx import save_onnx, to_onnx_model
 
