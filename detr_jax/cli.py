@@ -7,6 +7,7 @@
     detr-jax eval CHECKPOINT --data DIR --split val2017
     detr-jax eval CHECKPOINT --tfds coco/2017_panoptic --split validation
     detr-jax demo [--workdir DIR]
+    detr-jax export CHECKPOINT OUT --format stablehlo|onnx --height H --width W [--batch N|dynamic]
 
 Each subcommand registers itself with `add_<name>_command(subparsers)`.
 """
@@ -222,7 +223,46 @@ def add_demo_command(subparsers) -> None:
     p.set_defaults(run=run)
 
 
-COMMANDS = [add_convert_command, add_predict_command, add_train_command, add_eval_command, add_demo_command]
+def add_export_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="export a checkpoint to StableHLO or ONNX for serving",
+        description="Writes OUT/model.stablehlo (with OUT/serve_stablehlo.py, a loader that needs JAX alone) or "
+                    "OUT/model.onnx, and OUT/contract.json: input/output names, shapes and dtypes, the pixel "
+                    "mask's polarity (True = valid pixel) and the normalization.  Inputs are images padded to "
+                    "--height x --width, multiples of the model's output stride (32; 16 for DC5).")
+    p.add_argument("checkpoint", help="a detr-jax checkpoint folder")
+    p.add_argument("out", help="output folder (created)")
+    p.add_argument("--format", required=True, help="stablehlo or onnx")
+    p.add_argument("--height", type=int, required=True, help="padded input height")
+    p.add_argument("--width", type=int, required=True, help="padded input width")
+    p.add_argument("--batch", default="1", help="images per call, or 'dynamic' (StableHLO only); default 1")
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+    p.add_argument("--postprocess", default="none",
+                   help="none: logits and normalized boxes; boxes: scores, labels and boxes in pixels "
+                        "(an extra input orig_sizes)")
+    p.add_argument("--mask-queries", type=int, default=None,
+                   help="panoptic models: masks of the K best queries only (default: every query's)")
+    p.set_defaults(run=lambda args, rest: run_export(args))
+
+
+def run_export(args) -> int:
+    from detr_jax.export import ExportSpec, export_checkpoint
+
+    if args.batch != "dynamic" and not args.batch.isdigit():
+        raise SystemExit(f"detr-jax export: --batch takes a number or 'dynamic', not {args.batch!r}")
+    spec = ExportSpec(height=args.height, width=args.width, batch=None if args.batch == "dynamic" else int(args.batch),
+                      dtype=args.dtype, postprocess=args.postprocess, mask_queries=args.mask_queries)
+    try:
+        path = export_checkpoint(args.checkpoint, args.out, format=args.format, spec=spec)
+    except ValueError as error:
+        print(f"detr-jax export: {error}", file=sys.stderr)
+        return 2
+    print(f"detr-jax export: wrote {path} and its contract.json", file=sys.stderr)
+    return 0
+
+
+COMMANDS = [add_convert_command, add_predict_command, add_train_command, add_eval_command, add_demo_command,
+            add_export_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
