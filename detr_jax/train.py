@@ -474,7 +474,8 @@ def build_eval_fn(config: Config, eval_split: str = "val2017", max_images: Optio
 
 def run(config_name: str, workdir, *, num_classes=None, batch_size=None, max_steps=None, stage=None,
         mixed_precision: Optional[bool] = None, query_groups: Optional[int] = None,
-        denoising_groups: Optional[int] = None, init_from=None, resume=True, coordinator_address=None, num_processes=None, process_id=None,
+        denoising_groups: Optional[int] = None, init_from=None, resume=True, coordinator_address=None,
+        num_processes=None, process_id=None,
         eval_every: Optional[int] = None, eval_max_images: Optional[int] = None, eval_split: str = "val2017",
         **data_args) -> Dict[str, Any]:
     """`detr-jax train`: load the config, apply the overrides, join the hosts, build the data, train.

@@ -15,9 +15,10 @@ from flax import traverse_util
 
 import detr_jax
 from detr_jax import checkpoint, training_queries
-from detr_jax.config import DenoisingConfig, LossConfig, TrainConfig, load_config, CONFIG_DIR
+from detr_jax.config import CONFIG_DIR, DenoisingConfig, LossConfig, TrainConfig, load_config
 from detr_jax.losses import set_criterion
-from detr_jax.models.detr import DETR, init_variables
+from detr_jax.matcher import hungarian_match
+from detr_jax.models.detr import DETR, MLP, init_variables
 from detr_jax.training_queries import (TRAINING_ONLY, TrainingQueries, noised_targets, self_attention_mask,
                                        split_outputs, training_criterion)
 
@@ -199,13 +200,15 @@ def test_with_zero_noise_the_denoising_queries_are_built_from_the_targets_own_bo
     inputs are those targets too: their positions are the box embedding of the ground-truth boxes
     and their contents the embedding of the ground-truth labels."""
     exact = dataclasses.replace(tiny["queries"], denoising=DenoisingConfig(DN_GROUPS, 0.0, 0.0))
-    extra, assignment = exact.apply({"params": tiny["extra_params"]}, tiny["targets"], jax.random.PRNGKey(7))
+    extra, assignment = jax.jit(lambda params: exact.apply({"params": params}, tiny["targets"], jax.random.PRNGKey(7)))(
+        tiny["extra_params"])
     q, c = tiny["config"].num_queries, tiny["config"].hidden_dim
     params = tiny["extra_params"]
     embed = training_queries.box_sine_embedding(jnp.asarray(tiny["targets"]["boxes"]), c // 2)
-    from detr_jax.models.detr import MLP
     expected_pos = MLP(c, c, 2).apply({"params": params["box_embed"]}, embed)
     expected_content = params["label_embed"]["embedding"][tiny["targets"]["labels"]]
+    slots = np.where(tiny["targets"]["valid"], np.arange(SLOTS), -1)         # query g * M + m -> target m
+    np.testing.assert_array_equal(assignment, np.tile(slots, DN_GROUPS))
     for g in range(DN_GROUPS):
         rows = slice((GROUPS - 1) * q + g * SLOTS, (GROUPS - 1) * q + (g + 1) * SLOTS)
         np.testing.assert_allclose(extra.pos[:, rows], expected_pos, atol=1e-6)
@@ -229,7 +232,6 @@ def test_each_query_group_gets_its_own_one_to_one_matching(tiny):
     np.testing.assert_allclose(terms["loss"], plain["loss"] + sum(t["loss"] for t in per_group) + terms["loss_dn"],
                                rtol=1e-5)
     # the matcher on the stacked groups gives each image of each group min(Q, #targets) distinct queries
-    from detr_jax.matcher import hungarian_match
     tiled = {k: np.concatenate([v] * (GROUPS - 1)) for k, v in tiny["targets"].items()}
     match = np.asarray(hungarian_match(groups, tiled))
     for row, count in zip(match, np.asarray(tiled["valid"]).sum(-1)):
@@ -293,9 +295,8 @@ def test_training_with_accelerators_exports_plain_detr(accelerated_run):
         np.testing.assert_array_equal(value, trained[key], err_msg=key)
 
     model = detr_jax.load(workdir / "model", policy="cpu")
-    images, pixel_mask = tiny_images()
-    expected = DETR(config).apply({"params": training_queries.model_params(state.params), "buffers": state.buffers},
-                                  images, pixel_mask)
-    loaded = DETR(config).apply(model.variables, images, pixel_mask)
+    forward = jax.jit(lambda variables: DETR(config).apply(variables, *tiny_images()))
+    expected = forward({"params": training_queries.model_params(state.params), "buffers": state.buffers})
+    loaded = forward(model.variables)
     for name in ("pred_logits", "pred_boxes"):
         np.testing.assert_array_equal(loaded[name], expected[name])

@@ -100,7 +100,8 @@ def _attention_core(q, k, v, key_valid=None, attention_mask=None, *, dropout: fl
     # [1 or B, Nq, Nk]: the mask of row r is mask[r // heads] (or mask[0], shared by the batch)
     mask = None if attention_mask is None else attention_mask.reshape((-1,) + attention_mask.shape[-2:]).astype(bool)
 
-    def block(qb, kb, vb, valid, allowed, rng):  # qb [..., n, D], kb, vb [..., Nk, D], valid [..., Nk], allowed [..., n, Nk]
+    # qb [..., n, D], kb and vb [..., Nk, D], valid [..., Nk], allowed [..., n, Nk] (or None each)
+    def block(qb, kb, vb, valid, allowed, rng):
         logits = jnp.einsum("...qd,...kd->...qk", qb, kb).astype(jnp.float32)
         if valid is not None:
             logits = jnp.where(valid[..., None, :], logits, -jnp.inf)
