@@ -107,7 +107,7 @@ def make_train_step(model: DETR, loss_config: LossConfig, optimizer: optax.Gradi
                                             method=DETR.detect_with_extra_queries)
             mask_fn = None
             if loss_config.masks:
-                mask_fn = lambda queries: model.apply(variables, features, queries,  # noqa: E731
+                mask_fn = lambda indices: model.apply(variables, features, indices,  # noqa: E731
                                                       method=DETR.masks_of_queries)
             terms = training_criterion(outputs, targets, assignment, queries, loss_config, axis_name=axis_name,
                                        mask_fn=mask_fn)
