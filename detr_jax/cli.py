@@ -112,6 +112,12 @@ def add_train_command(subparsers) -> None:
     p.add_argument("--num-classes", help="override the config's; 'auto' = the dataset's")
     p.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 compute, float32 parameters, optimizer state and losses (default: the config's)")
+    p.add_argument("--query-groups", type=int, metavar="K",
+                   help="train K parallel query groups, each matched one-to-one (Group DETR; training only: the "
+                        "model keeps its queries; default: the config's, 1 = off)")
+    p.add_argument("--denoising-groups", type=int, metavar="N",
+                   help="decode N noised copies of the ground truth as denoising queries (DN-DETR; training only; "
+                        "default: the config's, 0 = off)")
     p.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0, or 'auto' where JAX detects "
                                           "the cluster (SLURM, Cloud TPU pods)")
     p.add_argument("--num-processes", type=int)
@@ -136,6 +142,7 @@ def run_train(args) -> int:
                     eval_split=args.eval_split, eval_max_images=args.eval_max_images)
     train.run(args.config, args.workdir, num_classes=args.num_classes, batch_size=args.batch_size,
               max_steps=args.max_steps, stage=args.stage, mixed_precision=args.mixed_precision,
+              query_groups=args.query_groups, denoising_groups=args.denoising_groups,
               init_from=args.init_from, resume=args.resume,
               coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
               data=args.data, split=args.split, images=args.images, annotations=args.annotations,

@@ -132,6 +132,18 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DenoisingConfig:
+    """Query denoising (DN-DETR), a training-only accelerator (`detr_jax.training_queries`): each
+    image's ground-truth boxes and labels, noised, are decoded as extra queries that learn to
+    reconstruct them.  Off (`groups=0`) in the paper recipes."""
+
+    groups: int = 0                 # noised copies of the ground truth per image (DN-DETR: 5); 0 disables
+    box_noise: float = 0.4          # box centers move by up to box_noise * (w, h) / 2, sides scale by
+                                    # a factor in [1 - box_noise, 1 + box_noise] (DN-DETR's lambda)
+    label_noise: float = 0.2        # probability that a query's label is replaced by a random class
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimization and the training loop.  Defaults are the original DETR recipe (300 epochs,
     lr drop at 200, AdamW 1e-4 / backbone 1e-5, weight decay 1e-4, clipping at 0.1)."""
@@ -165,6 +177,10 @@ class TrainConfig:
     save_every: int = 1000          # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 3       # the last N checkpoints are kept
     num_workers: int = 4            # data-loading threads per host
+    # Training-only convergence accelerators (`detr_jax.training_queries`); the trained model is
+    # plain DETR.  Both off in the paper recipes.
+    denoising: DenoisingConfig = DenoisingConfig()
+    query_groups: int = 1           # parallel query groups, each matched one-to-one (Group DETR); 1 disables
 
 
 def to_json(cfg: Any) -> str:

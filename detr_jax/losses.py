@@ -231,3 +231,39 @@ def set_criterion(outputs: Dict, targets: Dict[str, Array], config: LossConfig =
         losses.update({f"{name}_{i}": value[i] for name, value in terms.items()})
     losses["loss"] = weighted_total(losses, config)
     return losses
+
+
+def assigned_criterion(outputs: Dict, targets: Dict[str, Array], assignment: Array, config: LossConfig = LossConfig(),
+                       axis_name: Optional[str] = None) -> Dict[str, Array]:
+    """The detection losses of queries whose targets are given, not matched (query denoising).
+
+    `assignment` int `[B, Q]`: the target slot of each query, or -1 for a query without a loss.
+    Returns `loss_ce` (mean over assigned queries of -log p(target class); unassigned queries get
+    no "no object" term), `loss_bbox` and `loss_giou` (sums over assigned queries divided by their
+    number), the same per aux output (`<name>_<i>` when `config.aux_loss`), and `loss`, their
+    weighted total (`weighted_total`).  Rows whose `sample_valid` (when present) is False
+    contribute nothing.  `axis_name`: normalizers over the data-parallel axis, as `set_criterion`.
+    """
+    targets = ensure_target_slot(targets)
+    if "sample_valid" in targets:
+        assignment = jnp.where(targets["sample_valid"][:, None], assignment, -1)
+    layers = [outputs]
+    if config.aux_loss:
+        layers = list(outputs.get("aux_outputs", ())) + layers
+    logits = jnp.stack([layer["pred_logits"] for layer in layers])    # [L, B, Q, C+1]
+    boxes = jnp.stack([layer["pred_boxes"] for layer in layers])      # [L, B, Q, 4]
+    sums = jax.vmap(_detection_sums, in_axes=(0, 0, None, None, None))(logits, boxes, assignment, targets, 0.0)
+
+    def total(x):
+        return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+    num_devices = total(1)
+    num_assigned = jnp.maximum(total(jnp.sum(assignment >= 0).astype(jnp.float32)), 1.0) / num_devices
+    terms = {"loss_ce": sums["ce_num"] / (jnp.maximum(total(sums["ce_den"]), 1.0) / num_devices),
+             "loss_bbox": sums["l1"] / num_assigned, "loss_giou": sums["giou"] / num_assigned}
+    final = len(layers) - 1
+    losses = {name: value[final] for name, value in terms.items()}
+    for i in range(final):
+        losses.update({f"{name}_{i}": value[i] for name, value in terms.items()})
+    losses["loss"] = weighted_total(losses, config)
+    return losses

@@ -35,16 +35,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from detr_jax import checkpoint, optim, runtime, xla_cpu
+from detr_jax import checkpoint, optim, runtime, training_queries, xla_cpu
 from detr_jax.config import Config, LossConfig, ModelConfig, to_json
 from detr_jax.data.loader import Loader
 from detr_jax.data.transforms import TrainTransform
 from detr_jax.losses import set_criterion
 from detr_jax.models.detr import DETR, abstract_variables, init_variables
 from detr_jax.train_state import Checkpoints, TrainState, create_train_state, load_pretrained
+from detr_jax.training_queries import TRAINING_ONLY, TrainingQueries, model_params, training_criterion
 
 log = logging.getLogger(__name__)
 AXIS = "batch"              # the pmap axis: gradients and metrics are averaged over it
+NOISE_STREAM = 1            # fold_in of the step's key that draws the denoising noise
 MODEL_INPUTS = ("pixel_values", "pixel_mask")
 TARGETS = ("labels", "boxes", "valid", "sample_valid")
 EvalFn = Callable[[Dict[str, Any], int], Optional[Dict[str, float]]]
@@ -68,7 +70,7 @@ def stage_configs(config: Config, policy: runtime.PolicyLike = "auto") -> tuple[
 
 def make_train_step(model: DETR, loss_config: LossConfig, optimizer: optax.GradientTransformation,
                     lr_schedule: optax.Schedule, trainable: Dict[str, Any], *, padding_invariant: bool = True,
-                    axis_name: Optional[str] = AXIS) -> Callable:
+                    axis_name: Optional[str] = AXIS, queries: Optional[TrainingQueries] = None) -> Callable:
     """`train_step(state, batch, rng) -> (state, metrics)`, pure; `axis_name=None` outside pmap.
 
     batch: pixel_values [B, H, W, 3], pixel_mask [B, H, W], labels [B, M], boxes [B, M, 4],
@@ -80,6 +82,12 @@ def make_train_step(model: DETR, loss_config: LossConfig, optimizer: optax.Gradi
     With the mask losses and fewer target slots M than queries, the mask head's per-query part
     runs on the matched queries only (one per slot; `matched_masks_only`): the losses and their
     gradients are those of masks for every query, since unmatched masks get no loss.
+
+    queries: the training-only accelerators (`training_queries.build`; None: plain DETR).  Then
+    `state.params` also holds `params["training_only"]`, the decoder runs the model's queries with
+    the training queries (`DETR.detect_with_extra_queries`, noise drawn from the step's key), the
+    mask losses run on the matched queries of the model's own group, and the losses are
+    `training_criterion`'s (metrics add `loss_groups`, `loss_dn` and the `_dn` terms).
     """
 
     def train_step(state: TrainState, batch: Dict[str, jnp.ndarray], rng: jnp.ndarray):
@@ -90,7 +98,24 @@ def make_train_step(model: DETR, loss_config: LossConfig, optimizer: optax.Gradi
 
         matched_only = matched_masks_only(model.config, loss_config, targets["labels"].shape[-1])
 
+        def accelerated_loss_fn(params):
+            variables = {"params": model_params(params), "buffers": state.buffers}
+            extra, assignment = queries.apply({"params": params[TRAINING_ONLY]}, targets,
+                                              jax.random.fold_in(rng, NOISE_STREAM))
+            outputs, features = model.apply(variables, batch["pixel_values"], batch["pixel_mask"], extra, train=True,
+                                            padding_invariant=padding_invariant, rngs={"dropout": rng},
+                                            method=DETR.detect_with_extra_queries)
+            mask_fn = None
+            if loss_config.masks:
+                mask_fn = lambda indices: model.apply(variables, features, indices,  # noqa: E731
+                                                      method=DETR.masks_of_queries)
+            terms = training_criterion(outputs, targets, assignment, queries, loss_config, axis_name=axis_name,
+                                       mask_fn=mask_fn)
+            return terms["loss"], terms
+
         def loss_fn(params):
+            if queries is not None:
+                return accelerated_loss_fn(params)
             variables = {"params": params, "buffers": state.buffers}
             inputs = (batch["pixel_values"], batch["pixel_mask"])
             mask_fn = None
@@ -274,13 +299,24 @@ def run_keys(seed: int):
     return tuple(jax.random.split(jax.random.PRNGKey(seed)))
 
 
-def initial_state(config: Config, model_config: ModelConfig, optimizer, init_from, rng) -> TrainState:
+def initial_state(config: Config, model_config: ModelConfig, optimizer, init_from, rng,
+                  queries: Optional[TrainingQueries] = None) -> TrainState:
+    """Step 0: the model's variables (random, or merged from `init_from`) and, with `queries`, the
+    training-only parameters in `params["training_only"]` (from a key of their own)."""
     variables = jax.tree.map(np.asarray, init_variables(dataclasses.replace(model_config, dtype="float32"), rng))
     if init_from is not None:
         variables = load_pretrained(init_from, variables, model_config)
     elif config.train.stage == "masks":
         log.warning("stage 'masks' without init_from: the detector is random; give the stage-1 checkpoint")
+    if queries is not None:
+        extra = queries.init_params(jax.random.fold_in(rng, NOISE_STREAM))
+        variables = dict(variables, params={**variables["params"], TRAINING_ONLY: jax.tree.map(np.asarray, extra)})
     return create_train_state(variables, optimizer)
+
+
+def exported_variables(state: TrainState) -> Dict[str, Any]:
+    """The model's variables of a (host) train state: the training-only parameters left out."""
+    return {"params": model_params(state.params), "buffers": state.buffers}
 
 
 def train(config: Config, workdir, train_data, *, resume: bool = True, max_steps: Optional[int] = None,
@@ -304,14 +340,17 @@ def train(config: Config, workdir, train_data, *, resume: bool = True, max_steps
     loader = make_loader(train_data, config)
     total = max_steps or tc.max_steps or tc.epochs * loader.steps_per_epoch
     init_rng, step_rng = run_keys(tc.seed)
+    queries = training_queries.build(tc, model_config)
     abstract_params = abstract_variables(model_config)["params"]
+    if queries is not None:
+        abstract_params = {**abstract_params, TRAINING_ONLY: queries.abstract_params()}
     optimizer = optim.make_optimizer(abstract_params, tc, loader.steps_per_epoch)
     checkpoints = Checkpoints(workdir, tc.keep_checkpoints)
     latest = checkpoints.latest_step()
     if latest is not None and not resume:
         raise FileExistsError(f"{checkpoints.directory} holds checkpoints (latest step {latest}): resume, or "
                               f"use another workdir")
-    state = initial_state(config, model_config, optimizer, None if latest else init_from, init_rng)
+    state = initial_state(config, model_config, optimizer, None if latest else init_from, init_rng, queries)
     if latest is not None:
         state = checkpoints.restore_latest(state)   # past damaged ones, never from scratch
         log.warning("resumed from %s/%d", checkpoints.directory, int(state.step))
@@ -324,7 +363,8 @@ def train(config: Config, workdir, train_data, *, resume: bool = True, max_steps
 
     step_fn = make_train_step(DETR(model_config), loss_config, optimizer,
                               optim.lr_schedule(tc.lr, tc, loader.steps_per_epoch),
-                              optim.trainable_mask(state.params, tc), padding_invariant=tc.padding_invariant)
+                              optim.trainable_mask(state.params, tc), padding_invariant=tc.padding_invariant,
+                              queries=queries)
     p_train_step = make_parallel_train_step(step_fn)
     keys = MODEL_INPUTS + TARGETS + (("masks",) if loss_config.masks else ())
     device_state, device_rng = replicate_on_devices(state), replicate(step_rng)
@@ -368,13 +408,13 @@ def train(config: Config, workdir, train_data, *, resume: bool = True, max_steps
                 checkpoints.save(unreplicate(device_state), dict(meta, metrics=last_row))
             if eval_fn is not None and primary and ((eval_every and done % eval_every == 0) or done == total):
                 host = unreplicate(device_state)
-                result = eval_fn({"params": host.params, "buffers": host.buffers}, done)
+                result = eval_fn(exported_variables(host), done)
                 if result:
                     writer.write(dict(step=done, **{f"eval/{k}": v for k, v in result.items()}))
         state = unreplicate(device_state)
         export_model_config = dataclasses.replace(model_config, dtype=config.model.dtype,
                                                   attention=config.model.attention)
-        checkpoint.save(workdir / "model", export_model_config, {"params": state.params, "buffers": state.buffers},
+        checkpoint.save(workdir / "model", export_model_config, exported_variables(state),
                         source=f"detr-jax train {config.name} stage {tc.stage} step {int(state.step)}")
     finally:
         bar.close()
@@ -433,12 +473,16 @@ def build_eval_fn(config: Config, eval_split: str = "val2017", max_images: Optio
 
 
 def run(config_name: str, workdir, *, num_classes=None, batch_size=None, max_steps=None, stage=None,
-        mixed_precision: Optional[bool] = None, init_from=None, resume=True, coordinator_address=None, num_processes=None, process_id=None,
+        mixed_precision: Optional[bool] = None, query_groups: Optional[int] = None,
+        denoising_groups: Optional[int] = None, init_from=None, resume=True, coordinator_address=None,
+        num_processes=None, process_id=None,
         eval_every: Optional[int] = None, eval_max_images: Optional[int] = None, eval_split: str = "val2017",
         progress: bool = True, **data_args) -> Dict[str, Any]:
     """`detr-jax train`: load the config, apply the overrides, join the hosts, build the data, train.
 
     num_classes: an int, or "auto" for the dataset's (fine-tuning on another label set).
+    query_groups, denoising_groups: the training-only accelerators (`TrainConfig.query_groups`,
+    `DenoisingConfig.groups`; None: the config's).
     eval_every: evaluate (box AP, segm AP, PQ) every N steps and at the end on `eval_split`, the
     first `eval_max_images` images, on process 0 (`build_eval_fn`).  progress: the progress bar.
     data_args: `build_dataset`'s (data, split, images, annotations, panoptic_dir, tfds, tfds_data_dir).
@@ -449,6 +493,10 @@ def run(config_name: str, workdir, *, num_classes=None, batch_size=None, max_ste
     config = load_config(config_name)
     overrides = {k: v for k, v in (("batch_size", batch_size), ("max_steps", max_steps), ("stage", stage),
                                    ("mixed_precision", mixed_precision)) if v is not None}
+    if query_groups is not None:
+        overrides["query_groups"] = query_groups
+    if denoising_groups is not None:
+        overrides["denoising"] = dataclasses.replace(config.train.denoising, groups=denoising_groups)
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, **overrides))
     dataset = build_dataset(config, **data_args)
     if num_classes is not None:

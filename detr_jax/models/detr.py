@@ -20,6 +20,13 @@ called with `module.apply(variables, ..., method=...)`:
     `query_indices` int [B, K], the same values as `pred_masks` at those queries.
 Which queries get masks at inference is the runtime's policy (`detr_jax.runtime`).
 
+Decoding extra queries alongside the model's own (training-time query denoising, parallel query
+groups) is a third method:
+  `DETR.detect_with_extra_queries(..., extra)`: `detect`'s outputs and features for Q + N queries,
+    the model's Q followed by the N of `ExtraQueries` (their decoder input and positions, and a
+    decoder self-attention mask).  When the mask keeps the first Q from seeing the others, their
+    outputs are those of `detect`.  The extra queries hold no parameters of the model.
+
 Padding: with `padding_invariant=True` (the default) every image in a padded batch gives what it
 gives alone, unpadded: activations outside each image's valid region are zeroed after every
 backbone and mask-head layer, GroupNorm statistics skip the padding, and feature masks come from
@@ -67,6 +74,23 @@ class MaskFeatures:
     shared: jnp.ndarray
     adapters: Tuple[jnp.ndarray, ...]
     sizes: Tuple[Optional[jnp.ndarray], ...]
+
+
+@flax.struct.dataclass
+class ExtraQueries:
+    """Queries decoded after the model's Q object queries (`DETR.detect_with_extra_queries`).
+
+    content              [B, N, C]        their decoder input (the object queries' is zeros)
+    pos                  [B, N, C]        their positional query (`query_pos`; the object queries'
+                                          is `query_embed`)
+    self_attention_mask  bool [Q+N, Q+N] or [B, Q+N, Q+N]: query i attends to query j in the
+                                          decoder's self-attention only where True; queries are
+                                          ordered as the outputs (the model's first)
+    """
+
+    content: jnp.ndarray
+    pos: jnp.ndarray
+    self_attention_mask: jnp.ndarray
 
 
 class MLP(nn.Module):
@@ -125,6 +149,16 @@ class DETR(nn.Module):
     def detect(self, pixel_values: jnp.ndarray, pixel_mask: jnp.ndarray, *, train: bool = False,
                padding_invariant: bool = True) -> Tuple[Dict[str, Any], Optional[MaskFeatures]]:
         """(outputs without `pred_masks`, `MaskFeatures` or None for a detection model)."""
+        return self._detect(pixel_values, pixel_mask, train, padding_invariant, None)
+
+    def detect_with_extra_queries(self, pixel_values: jnp.ndarray, pixel_mask: jnp.ndarray, extra: ExtraQueries, *,
+                                  train: bool = False, padding_invariant: bool = True
+                                  ) -> Tuple[Dict[str, Any], Optional[MaskFeatures]]:
+        """`detect` with the N queries of `extra` decoded after the model's Q: outputs (and
+        `MaskFeatures.queries`) over Q + N queries, the model's first."""
+        return self._detect(pixel_values, pixel_mask, train, padding_invariant, extra)
+
+    def _detect(self, pixel_values, pixel_mask, train: bool, padding_invariant: bool, extra: Optional[ExtraQueries]):
         cfg = self.config
         dt = jnp.dtype(cfg.dtype)
         sizes = image_sizes_from_mask(pixel_mask) if padding_invariant else None
@@ -136,8 +170,15 @@ class DETR(nn.Module):
         src = self.input_proj(layer4)
         b = src.shape[0]
         flat = lambda t: t.reshape(b, -1, t.shape[-1])  # noqa: E731
-        hs, memory = self.transformer(flat(src), valid.reshape(b, -1), flat(pos), self.query_embed.embedding,
-                                      deterministic=not train)
+        if extra is None:
+            hs, memory = self.transformer(flat(src), valid.reshape(b, -1), flat(pos), self.query_embed.embedding,
+                                          deterministic=not train)
+        else:
+            own = jnp.broadcast_to(self.query_embed.embedding, (b, *self.query_embed.embedding.shape))
+            hs, memory = self.transformer(
+                flat(src), valid.reshape(b, -1), flat(pos), jnp.concatenate([own, extra.pos.astype(own.dtype)], 1),
+                deterministic=not train, query_content=jnp.concatenate([jnp.zeros_like(own), extra.content], 1),
+                self_attention_mask=extra.self_attention_mask)
         memory = memory.reshape(src.shape)
         for i, f in enumerate(features):
             self.sow("intermediates", f"backbone_layer{i + 1}", f)
