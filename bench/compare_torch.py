@@ -31,7 +31,7 @@ library default), `torch` (eager, no_grad, bench/torch_detr.py), `torch_compile`
 
 `--rounds N` runs the whole sequence N times (jax, torch, jax, torch, ...) and prints each round's
 table and the jax/torch ratio of every round: the PyTorch side's median for the photo case drifted
-from 12.2 to 17.8 s between runs minutes apart (session 8), more than within one run, and a pair
+from 12.2 to 17.8 s between runs minutes apart (2026-12-02, 6948420), more than within one run, and a pair
 run back to back shares the machine's state.
 
 Per case and framework: median / min / max of `--repeats` runs after the first call (the first

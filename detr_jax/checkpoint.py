@@ -15,7 +15,6 @@ import pathlib
 from typing import Any, Dict, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from detr_jax.config import ModelConfig

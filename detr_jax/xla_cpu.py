@@ -5,7 +5,7 @@ XLA:CPU hands convolutions, dots and reductions to YNNPACK ("library fusions",
 slower for every convolution and for the mask head's reductions (GroupNorm), and faster for the
 encoder's reductions (softmax, LayerNorm).  Each component compiled alone with each choice,
 median ms, calls interleaved (`python bench/profile_forward.py --compare-library-fusions` repeats
-the comparison; BENCHMARKS.md, session 7, has the runs and their noise):
+the comparison; BENCHMARKS.md, the run of 2026-11-25 (7a6273f), has the runs and their noise):
 
     YNNPACK fusions       backbone   encoder   mask head (24 queries)
     default (+conv)           1365      1150      1303

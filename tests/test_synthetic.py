@@ -7,7 +7,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from detr_jax.data import synthetic
-from detr_jax.data.coco import rgb_to_id
+from detr_jax.panoptic_format import rgb_to_id
 
 PARAMS = dict(num_train=4, num_val=2, image_size=(64, 80), seed=3)
 

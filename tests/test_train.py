@@ -328,7 +328,6 @@ def test_cli_train_parses_into_the_library_call(monkeypatch):
     assert kwargs == dict(num_classes="auto", batch_size=4, max_steps=5, stage="masks", init_from="ckpt",
                           mixed_precision=None, query_groups=3, denoising_groups=5,
                           resume=False, coordinator_address=None, num_processes=None, process_id=None, data=None,
-                          split="train2017", images="imgs", annotations="a.json", panoptic_dir="png", progress=True,
-                          mixed_precision=None)
+                          split="train2017", images="imgs", annotations="a.json", panoptic_dir="png", progress=True)
     assert cli.main(["train", "--config", "detr_tiny", "--data", "coco", "--workdir", "wd", "--no-progress"]) == 0
     assert calls[-1][1]["progress"] is False

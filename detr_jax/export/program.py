@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import jax
 import jax.numpy as jnp
 
 from detr_jax.config import ModelConfig
