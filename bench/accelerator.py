@@ -50,9 +50,9 @@ convolutions and full float32 matmuls), as their users get them; the JSON record
 runs `detr_tiny`-sized models (random init; compiling R50 eight times takes minutes on a busy CPU)
 while the PyTorch side keeps the R50 recipe (eager R50 at 64x96 takes milliseconds), and
 torch.compile uses its "eager" backend (graph capture only; inductor compiles for minutes on a
-CPU), and torch one thread (on a 2-core CPU shared with other jobs at load ~15, torch's default
-two threads took 165 s for one R50-DC5 train step at 64x96): smoke numbers check that every
-case runs and reports, they compare nothing.
+CPU), and torch one thread (on a 2-core CPU shared with other jobs, one R50-DC5 train step at
+64x96 took 165 s with torch's default two threads at load ~17, 1.9 s with one thread at load
+~6-11): smoke numbers check that every case runs and reports, they compare nothing.
 
 The run stays inside `--budget` seconds (default 470): a case that would start later is reported
 as skipped with that reason; the cases run in the order of `plan()`.  If the budget cut cases
