@@ -3,7 +3,7 @@
 On the lent GPU machine (it has jax with CUDA, torch, torchvision, timm and transformers; no
 network; detr_jax is not installed there, so the repository runs from its checkout):
 
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 bench/accelerator.py --out $OUT      # about 6-8 min on one GPU
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 bench/accelerator.py --out $OUT      # at most --budget 470 s
     python bench/accelerator.py --smoke --out /tmp/acc           # every case, tiny, any backend (< 2 min on a CPU)
 
 It writes `accelerator.md` (the tables, also printed) and `accelerator.json` (every number) to
@@ -54,8 +54,8 @@ CPU), and torch one thread (on a 2-core CPU shared with other jobs, one R50-DC5 
 64x96 took 165 s with torch's default two threads at load ~17, 1.9 s with one thread at load
 ~6-11): smoke numbers check that every case runs and reports, they compare nothing.
 
-The run stays inside `--budget` seconds (default 470): a case that would start later is reported
-as skipped with that reason; the cases run in the order of `plan()`.  If the budget cut cases
+The run stays inside `--budget` seconds (default 470): a job still running then is stopped and
+its cases reported as timed out, later ones as skipped; the jobs run in the order of `plan()`.  If the budget cut cases
 off, a second command runs just those: `--only train,inference:torch_compile` (KIND:FRAMEWORK
 prefixes; the matmul peaks always run).
 """
