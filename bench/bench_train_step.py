@@ -175,7 +175,8 @@ def _torch_box_ops():
 def torch_criterion(num_classes: int, loss_config):
     """The original's HungarianMatcher + SetCriterion (labels, boxes, cardinality, masks), written
     for this bench: `criterion(outputs, targets) -> (weighted total, terms)`, targets a list of
-    dicts (labels [n], boxes [n, 4] cxcywh, masks [n, H, W]) as the original's."""
+    dicts (labels [n], boxes [n, 4] cxcywh, masks [n, H, W]) as the original's, on the outputs'
+    device (the matching on the host, as the original)."""
     import torch
     import torch.nn.functional as F
     from scipy.optimize import linear_sum_assignment
@@ -211,15 +212,15 @@ def torch_criterion(num_classes: int, loss_config):
         logits = out["pred_logits"]
         idx = src_index(indices)
         classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
-        classes = torch.full(logits.shape[:2], num_classes, dtype=torch.int64)
+        classes = torch.full(logits.shape[:2], num_classes, dtype=torch.int64, device=logits.device)
         classes[idx] = classes_o
-        terms = {"loss_ce": F.cross_entropy(logits.transpose(1, 2), classes, empty_weight)}
+        terms = {"loss_ce": F.cross_entropy(logits.transpose(1, 2), classes, empty_weight.to(logits.device))}
         if final:
             with torch.no_grad():
                 pred = logits[idx].argmax(-1)
                 terms["class_error"] = 100 - 100 * (pred == classes_o).float().mean()
         with torch.no_grad():
-            lengths = torch.as_tensor([len(t["labels"]) for t in targets])
+            lengths = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device)
             card = (logits.argmax(-1) != num_classes).sum(1)
             terms["cardinality_error"] = F.l1_loss(card.float(), lengths.float())
         src_boxes = out["pred_boxes"][idx]
