@@ -118,20 +118,14 @@ SMOKE = Sizes(height=64, width=96, batches=(2,), train_height=64, train_width=96
 # ---------------------------------------------------------------------------------------------
 def recipe_state_dict(panoptic: bool):
     """The recipe (original keys): R50-DC5 panoptic, or R50 detection (`detr.` stripped, mask head
-    dropped, class_embed redrawn for 91 classes, as bench/compare_torch.py)."""
-    import numpy as np
+    dropped, class_embed redrawn for 91 classes: bench/compare_torch.py's `detection_state_dict`)."""
+    from compare_torch import detection_state_dict
 
     spec = importlib.util.spec_from_file_location("detr_recipe", REPO / "tests" / "data" / "make_checkpoint.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     sd = module.make_state_dict(SEED)
-    if panoptic:
-        return sd
-    rng = np.random.default_rng(0)
-    out = {k[len("detr."):]: v for k, v in sd.items() if k.startswith("detr.")}
-    out["class_embed.weight"] = (rng.standard_normal((DETECTION_CLASSES + 1, 256)) * 0.05).astype(np.float32)
-    out["class_embed.bias"] = np.zeros(DETECTION_CLASSES + 1, np.float32)
-    return out
+    return sd if panoptic else detection_state_dict(sd, DETECTION_CLASSES)
 
 
 def images(batch: int, height: int, width: int):

@@ -40,6 +40,18 @@ def fixture_photos(*names: str):
     return paths
 
 
+def random_images(sizes, padded_hw, seed=0):
+    """(normal noise float32 [B, H, W, 3], bool mask [B, H, W]): image i fills the top-left
+    `sizes[i]` of the padded `padded_hw` (zeros and False elsewhere)."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((len(sizes), *padded_hw, 3), np.float32)
+    mask = np.zeros((len(sizes), *padded_hw), bool)
+    for i, (h, w) in enumerate(sizes):
+        x[i, :h, :w] = rng.standard_normal((h, w, 3))
+        mask[i, :h, :w] = True
+    return x, mask
+
+
 def reference_arrays(name: str, keys: Optional[Iterable[str]] = None) -> Dict[str, np.ndarray]:
     """Arrays of a fixture `.npz`; skips if a requested key is only in the full fixture folder."""
     path = reference_path(name)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import random_images
 from detr_jax.config import load_config
 from detr_jax.models import DETR, init_variables
 from detr_jax.models.layers import nearest_indices, nearest_resize
@@ -31,16 +32,6 @@ def tiny_dc5_model():
 def tiny_convnet_model():
     config = dataclasses.replace(TINY, backbone="convnet_small")
     return DETRModel(config, init_variables(config, jax.random.PRNGKey(2)))
-
-
-def random_images(sizes, padded_hw, seed=0):
-    rng = np.random.default_rng(seed)
-    x = np.zeros((len(sizes), *padded_hw, 3), np.float32)
-    mask = np.zeros((len(sizes), *padded_hw), bool)
-    for i, (h, w) in enumerate(sizes):
-        x[i, :h, :w] = rng.standard_normal((h, w, 3))
-        mask[i, :h, :w] = True
-    return x, mask
 
 
 def test_output_contract(tiny_model):

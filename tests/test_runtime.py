@@ -10,21 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import random_images
 from detr_jax import runtime
 from detr_jax.config import load_config
 from detr_jax.models import DETR, abstract_variables, init_variables
 
 TINY = load_config("detr_tiny").model     # panoptic: backbone, transformer, mask head
-
-
-def random_images(sizes, padded_hw, seed=0):
-    rng = np.random.default_rng(seed)
-    x = np.zeros((len(sizes), *padded_hw, 3), np.float32)
-    mask = np.zeros((len(sizes), *padded_hw), bool)
-    for i, (h, w) in enumerate(sizes):
-        x[i, :h, :w] = rng.standard_normal((h, w, 3))
-        mask[i, :h, :w] = True
-    return x, mask
 
 
 @pytest.fixture(scope="module")
