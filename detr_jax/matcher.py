@@ -20,8 +20,8 @@ Two solvers give the same assignment (up to exact ties of the optimum):
 * `method="device"`: a jittable Hungarian solver (`_solve_rows`, the shortest augmenting path
   method with potentials, as scipy's) with targets as rows, processing only the valid ones, so
   padded slots cost nothing and can never be matched.  (`optax.assignment.hungarian_algorithm`
-  solves the same problem but must assign every padded slot too: ~80x slower on the CPU for
-  24 problems of 100 queries x 100 slots with ~20 valid, 200 ms vs 2.5 ms.)
+  solves the same problem but must assign every padded slot too, much slower with DETR's
+  mostly padded targets: BENCHMARKS.md, "Measurements behind design choices".)
 """
 from __future__ import annotations
 

@@ -3,22 +3,13 @@
 XLA:CPU hands convolutions, dots and reductions to YNNPACK ("library fusions",
 `xla_cpu_experimental_ynn_fusion_type`) by default.  For DETR at 800x1066 on 2 cores that is
 slower for every convolution and for the mask head's reductions (GroupNorm), and faster for the
-encoder's reductions (softmax, LayerNorm).  Each component compiled alone with each choice,
-median ms, calls interleaved (`python bench/profile_forward.py --compare-library-fusions` repeats
-the comparison; BENCHMARKS.md, the run of 2026-11-25 (7a6273f), has the runs and their noise):
-
-    YNNPACK fusions       backbone   encoder   mask head (24 queries)
-    default (+conv)           1365      1150      1303
-    dot + reduce              1323      1113       966
-    dot                       1328      1356       800
-    none                      1279      1367       834
-
-So the model's program keeps YNNPACK's dots and reductions (`MODEL`), and the mask head's
-per-query program, all small-channel convolutions and GroupNorms, keeps only its dots
-(`MASK_HEAD`).  The train step (forward and backward, R50-DC5 panoptic, 2 x 512x683) keeps only
-its dots too (`TRAIN_STEP`): 19.05 s with XLA's default, 15.17 s with dot + reduce, 14.85 s with
-dot (`python bench/bench_train_step.py --cases b2_512x683 --repeats 2 --box-bucket 16 --no-torch`,
-the options set through XLA_FLAGS).  The results are those of the same float32 arithmetic with
+encoder's reductions (softmax, LayerNorm), as measured component by component
+(`python bench/profile_forward.py --compare-library-fusions`; the figures are in BENCHMARKS.md,
+the run of 2026-11-25, 7a6273f).  So the model's program keeps YNNPACK's dots and reductions
+(`MODEL`), and the mask head's per-query program, all small-channel convolutions and GroupNorms,
+keeps only its dots (`MASK_HEAD`), as does the train step (`TRAIN_STEP`, measured with
+`bench/bench_train_step.py`).  These options are the runtime's CPU policy (`detr_jax.runtime`).
+The results are those of the same float32 arithmetic with
 another summation order (the fidelity tests pass unchanged).  Nothing is changed when the backend
 is not the CPU, when `XLA_FLAGS` already sets `--xla_cpu_experimental_ynn_fusion_type`, or when
 the installed XLA does not know the option (it is experimental): then XLA's defaults apply.

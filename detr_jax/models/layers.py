@@ -88,8 +88,7 @@ class Conv1x1(nn.Module):
 
     NHWC in and out.  Same values as the convolution (stride s keeps pixels 0, s, 2s, ..., as
     PyTorch's unpadded strided 1x1 conv), but XLA's CPU backend runs a dot much faster than a 1x1
-    convolution, 3x faster forward + backward for ResNet's shapes (its kernel gradient as a
-    convolution is slow).
+    convolution, forward and backward (its kernel gradient as a convolution is slow).
     """
 
     features: int

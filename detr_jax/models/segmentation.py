@@ -43,10 +43,8 @@ class GroupNorm(nn.Module):
     x: [N, H, W, C]; `sizes`: int32 [N, 2] valid (h, w) or None (whole map, as PyTorch).  The
     output is normalized everywhere (also outside `sizes`; callers zero it there).  Statistics are
     two-pass (mean, then the mean squared deviation) from per-channel `pixel_sums` added up per
-    group.  At the mask head's shapes (24 queries at 800x1066) its five GroupNorms took 145 ms vs
-    205 ms as reductions over (H, W, C / groups) (154 vs 222 ms with half the maps padded), 448
-    vs 505 ms forward + backward at the train step's, and the output is closer to float64 (max
-    abs error 9.6e-7 vs 5.7e-6 over 24 x 50 x 67 x 128 compiled as the mask head's program).
+    group: faster on a CPU than reductions over (H, W, C / groups), and closer to float64
+    (BENCHMARKS.md, "Measurements behind design choices").
     """
 
     num_groups: int = GN_GROUPS

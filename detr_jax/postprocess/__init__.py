@@ -26,8 +26,7 @@ Split between device and host:
   the original size (`postprocess_instance_masks`), the panoptic bookkeeping (kept queries, stuff
   merging, the small-segment loop, the PIL resize, `postprocess_panoptic`) and PNG encoding.
 `resize_bilinear` runs on numpy arrays too (same arithmetic).  The panoptic path resamples the
-kept masks and takes the per-pixel argmax in jitted programs (`_KeptMasks`; the resampling is 13x
-faster than numpy for 24 masks at 800x1066), its shapes bucketed (kept queries to a multiple of 8,
+kept masks and takes the per-pixel argmax in jitted programs (`_KeptMasks`), its shapes bucketed (kept queries to a multiple of 8,
 output to a multiple of 128) so that few shapes compile.
 """
 from detr_jax.postprocess.detection import (MASK_STRIDE, MASK_THRESHOLD, MIN_SEGMENT_AREA, PANOPTIC_THRESHOLD,

@@ -57,8 +57,8 @@ def png_to_ids(rgb: np.ndarray) -> np.ndarray:
 def _argmax_and_near_ties(xp, rows):
     """rows: K arrays [...] (or one [K, ...]) -> (argmax over K, the first on a tie; whether the
     runner-up is within the near-tie gap).  One pass over the rows, unrolled: on the device XLA
-    fuses it into one loop over the pixels (its variadic argmax reduce over 24 x 896 x 1152 took
-    168 ms on 2 cores, this 12-15 ms)."""
+    fuses it into one loop over the pixels (faster than its variadic argmax reduce: BENCHMARKS.md,
+    "Measurements behind design choices")."""
     first, *rest = rows
     top, second, best = first, xp.full_like(first, -xp.inf), xp.zeros(first.shape, xp.int32)
     for k, x in enumerate(rest, 1):

@@ -74,9 +74,8 @@ _ROW_BLOCK = 32   # output rows per step of the row pass on the device
 
 def _row_blocks(across, row_taps, reduce: Optional[Callable] = None, block: int = _ROW_BLOCK):
     """jnp: `reduce(_row_pass(across, *taps))` computed `block` output rows at a time, so that the
-    [Q, Ho, Wo] values are never all in memory (the photo case's 23 kept masks resampled to
-    800x1066 and their per-pixel argmax: 93 ms as two programs over the whole [Q, Ho, Wo], 38 ms
-    from the column pass this way, median of 9, interleaved).
+    [Q, Ho, Wo] values are never all in memory (and faster: BENCHMARKS.md, "Measurements behind
+    design choices").
     `reduce` (None: the values themselves) maps values [Q, n, Wo] to arrays whose second-to-last
     axis is the n rows; the results are those arrays for all Ho rows."""
     reduce = reduce or (lambda values: values)
