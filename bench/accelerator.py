@@ -561,7 +561,7 @@ def tables(rows: List[Dict[str, object]], sizes: Sizes, env: Dict[str, object]) 
         memory = f"{fmt(r.get('peak_memory_mb'), '.0f')}{' RSS' if r.get('memory_kind') == 'RSS' else ''}"
         lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['framework']} | {fmt(ips, '.2f')} "
                      f"| {fmt(r.get('median_s') and 1e3 * r['median_s'], '.1f')} | {fmt(r.get('compile_s'))} | {memory} "
-                     f"| {fmt(flops, '.0f')} | {fmt(pct(dict(r, gflops=flops)))} "
+                     f"| {fmt(flops, '.4g')} | {fmt(pct(dict(r, gflops=flops)))} "
                      f"| {'' if r['framework'] == 'jax' else fmt(rel, '.2f')} | {note} |")
     lines += ["", "## Train step, R50-DC5 panoptic with matching, largest batch that fits", "",
               "| framework | batch | size | images/s | median s | compile s | peak memory MB | GFLOPs | % matmul peak "
@@ -574,7 +574,7 @@ def tables(rows: List[Dict[str, object]], sizes: Sizes, env: Dict[str, object]) 
         rel = ((jax_fit["batch"] / jax_fit["median_s"]) / ips) if ips and jax_fit.get("median_s") and r["framework"] != "jax" else None
         memory = f"{fmt(r.get('peak_memory_mb'), '.0f')}{' RSS' if r.get('memory_kind') == 'RSS' else ''}"
         lines.append(f"| {r['framework']} | {r.get('batch', '-')} | {r.get('size', '-')} | {fmt(ips, '.2f')} "
-                     f"| {fmt(r.get('median_s'), '.3f')} | {fmt(r.get('compile_s'))} | {memory} | {fmt(flops, '.0f')} "
+                     f"| {fmt(r.get('median_s'), '.3f')} | {fmt(r.get('compile_s'))} | {memory} | {fmt(flops, '.4g')} "
                      f"| {fmt(pct(dict(r, gflops=flops)))} | {fmt(rel, '.2f')} | {status(r) or r.get('config', '')} |")
     return "\n".join(lines)
 
