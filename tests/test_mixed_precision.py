@@ -41,7 +41,7 @@ def panoptic_batch(seed: int = 0, slots: int = 8):
                 pixel_mask=np.ones((2, SIDE, SIDE), bool),
                 labels=np.where(valid, rng.integers(1, 10, (2, slots)), 0).astype(np.int32),
                 boxes=np.concatenate([centers, sizes], -1).astype(np.float32), valid=valid,
-                masks=masks & valid[..., None, None])
+                masks=masks & valid[..., None, None], sample_valid=np.ones(2, bool))
 
 
 def one_step(config, state, batch, step_rng):
