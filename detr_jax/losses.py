@@ -244,9 +244,8 @@ def assigned_criterion(outputs: Dict, targets: Dict[str, Array], assignment: Arr
     weighted total (`weighted_total`).  Rows whose `sample_valid` (when present) is False
     contribute nothing.  `axis_name`: normalizers over the data-parallel axis, as `set_criterion`.
     """
-    targets = ensure_target_slot(targets)
-    if "sample_valid" in targets:
-        assignment = jnp.where(targets["sample_valid"][:, None], assignment, -1)
+    targets = with_sample_valid(ensure_target_slot(targets))
+    assignment = jnp.where(targets["sample_valid"][:, None], assignment, -1)
     layers = [outputs]
     if config.aux_loss:
         layers = list(outputs.get("aux_outputs", ())) + layers

@@ -39,7 +39,7 @@ from detr_jax import checkpoint, optim, runtime, training_queries, xla_cpu
 from detr_jax.config import Config, LossConfig, ModelConfig, to_json
 from detr_jax.data.loader import Loader
 from detr_jax.data.transforms import TrainTransform
-from detr_jax.losses import set_criterion
+from detr_jax.losses import set_criterion, with_sample_valid
 from detr_jax.models.detr import DETR, abstract_variables, init_variables
 from detr_jax.train_state import Checkpoints, TrainState, create_train_state, load_pretrained
 from detr_jax.training_queries import TRAINING_ONLY, TrainingQueries, model_params, training_criterion
@@ -74,7 +74,7 @@ def make_train_step(model: DETR, loss_config: LossConfig, optimizer: optax.Gradi
     """`train_step(state, batch, rng) -> (state, metrics)`, pure; `axis_name=None` outside pmap.
 
     batch: pixel_values [B, H, W, 3], pixel_mask [B, H, W], labels [B, M], boxes [B, M, 4],
-    valid [B, M], sample_valid [B] and, with mask losses, masks [B, M, H, W].  rng: the run's base key (uint32 [2]);
+    valid [B, M], sample_valid [B] (all True when absent) and, with mask losses, masks [B, M, H, W].  rng: the run's base key (uint32 [2]);
     dropout draws from `fold_in(fold_in(rng, step), device index)`.  metrics: every term of
     `set_criterion`, `grad_norm` (trainable gradients, before clipping) and `lr`, averaged over
     the devices.
@@ -94,7 +94,8 @@ def make_train_step(model: DETR, loss_config: LossConfig, optimizer: optax.Gradi
         rng = jax.random.fold_in(rng, state.step)
         if axis_name is not None:
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-        targets = {k: batch[k] for k in TARGETS + (("masks",) if loss_config.masks else ())}
+        keys = TARGETS + (("masks",) if loss_config.masks else ())
+        targets = with_sample_valid({k: batch[k] for k in keys if k != "sample_valid" or k in batch})
 
         matched_only = matched_masks_only(model.config, loss_config, targets["labels"].shape[-1])
 

@@ -15,7 +15,7 @@ from flax import traverse_util
 
 import detr_jax
 from detr_jax import checkpoint, training_queries
-from detr_jax.config import CONFIG_DIR, DenoisingConfig, LossConfig, TrainConfig, load_config
+from detr_jax.config import DenoisingConfig, LossConfig, TrainConfig, known_configs, load_config
 from detr_jax.losses import set_criterion
 from detr_jax.matcher import hungarian_match
 from detr_jax.models.detr import DETR, MLP, init_variables
@@ -244,9 +244,9 @@ def test_each_query_group_gets_its_own_one_to_one_matching(tiny):
 def test_the_accelerators_are_off_by_default_and_in_every_shipped_config():
     model = load_config("detr_tiny").model
     assert training_queries.build(TrainConfig(), model) is None
-    for path in sorted(CONFIG_DIR.glob("*.py")):
-        train = load_config(str(path)).train
-        assert train.query_groups == 1 and train.denoising.groups == 0, path.name
+    for name in known_configs():
+        train = load_config(name).train
+        assert train.query_groups == 1 and train.denoising.groups == 0, name
     assert training_queries.build(TrainConfig(query_groups=2, stage="masks"), model) is None
     with pytest.raises(ValueError, match="query_groups"):
         training_queries.build(TrainConfig(query_groups=0), model)
