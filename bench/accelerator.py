@@ -360,51 +360,25 @@ def torch_train(sizes: Sizes, batches: Sequence[int]) -> List[Dict[str, object]]
     import torch
 
     import bench_train_step
-    import torch_detr
     from detr_jax.config import load_config
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
     config = load_config("detr_r50_dc5_panoptic")
-    mc, tc = config.model, config.train
     rows = []
     for batch_size in batches:
         row = {"kind": "train", "framework": "torch", "model": "panoptic", "dtype": "float32", "batch": batch_size,
                "size": f"{sizes.train_height}x{sizes.train_width}", "config": "R50-DC5 panoptic (torch_detr)"}
-        model = optimizer = None
+        step = None
         try:
-            torch.manual_seed(0)
-            model = torch_detr.build_detr(mc.backbone, mc.dilation, mc.masks, mc.num_classes, mc.num_queries)
-            model = model.to(device).train()
-            for n, p in model.named_parameters():       # the original: stem and layer1 frozen
-                if "backbone" in n and not any(f"layer{i}" in n for i in (2, 3, 4)):
-                    p.requires_grad_(False)
-            trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(
-                [{"params": [p for n, p in trainable if "backbone" not in n]},
-                 {"params": [p for n, p in trainable if "backbone" in n], "lr": tc.lr_backbone}],
-                lr=tc.lr, weight_decay=tc.weight_decay)
-            criterion = bench_train_step.torch_criterion(mc.num_classes, config.loss)
-            batch = bench_train_step.make_batch(batch_size, sizes.train_height, sizes.train_width, config.data.max_boxes)
-            x = torch.from_numpy(batch["pixel_values"]).permute(0, 3, 1, 2).contiguous().to(device)
-            padding = torch.from_numpy(~batch["pixel_mask"]).to(device)
-            targets = [{"labels": torch.from_numpy(batch["labels"][i][v]).long().to(device),
-                        "boxes": torch.from_numpy(batch["boxes"][i][v]).to(device),
-                        "masks": torch.from_numpy(batch["masks"][i][v]).to(device)}
-                       for i, v in enumerate(batch["valid"])]
+            step = bench_train_step.torch_train_step(config, batch_size, sizes.train_height, sizes.train_width,
+                                                     device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             losses = []
 
             def call():
-                out = model(x, padding)
-                total, _ = criterion(out, targets)
-                optimizer.zero_grad()
-                total.backward()
-                if tc.clip_max_norm > 0:
-                    torch.nn.utils.clip_grad_norm_([p for _, p in trainable], tc.clip_max_norm)
-                optimizer.step()
-                losses.append(float(total.detach()))      # a host sync, as the original's loop logs
+                losses.append(step())                     # a host sync, as the original's loop logs
                 if device.type == "cuda":
                     torch.cuda.synchronize()
 
@@ -416,7 +390,7 @@ def torch_train(sizes: Sizes, batches: Sequence[int]) -> List[Dict[str, object]]
             if not is_oom(error):
                 raise
             rows.append(dict(row, oom=f"{type(error).__name__}: {str(error)[:300]}"))
-            model = optimizer = None
+            step = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows

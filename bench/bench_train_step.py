@@ -36,7 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -262,19 +262,19 @@ def torch_criterion(num_classes: int, loss_config):
     return criterion
 
 
-def torch_step(config_name: str, name: str, repeats: int) -> Dict[str, float]:
-    """Times the original's train step in PyTorch on the bench batch (this process: the worker)."""
+def torch_train_step(config, batch_size: int, h: int, w: int, device=None) -> Callable[[], float]:
+    """`step() -> loss`: the original's train step in PyTorch (stem and layer1 frozen, AdamW with
+    the backbone's lr, clipping) on `make_batch`'s batch of `batch_size` h x w images, on `device`
+    (default: the CPU).  Each call is one update and returns the loss (a host sync)."""
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from torch_detr import build_detr
 
-    from detr_jax.config import load_config   # dataclasses only (no JAX)
-
-    config = load_config(config_name)
+    device = device or torch.device("cpu")
     mc, tc = config.model, config.train
     torch.manual_seed(0)
-    model = build_detr(mc.backbone, mc.dilation, mc.masks, mc.num_classes, mc.num_queries).train()
+    model = build_detr(mc.backbone, mc.dilation, mc.masks, mc.num_classes, mc.num_queries).to(device).train()
     for n, p in model.named_parameters():       # the original: stem and layer1 frozen
         if "backbone" in n and not any(f"layer{i}" in n for i in (2, 3, 4)):
             p.requires_grad_(False)
@@ -283,13 +283,12 @@ def torch_step(config_name: str, name: str, repeats: int) -> Dict[str, float]:
                                    {"params": [p for n, p in trainable if "backbone" in n], "lr": tc.lr_backbone}],
                                   lr=tc.lr, weight_decay=tc.weight_decay)
     criterion = torch_criterion(mc.num_classes, config.loss)
-    batch_size, h, w = CASES[name]
     batch = make_batch(batch_size, h, w, config.data.max_boxes)
-    images = torch.from_numpy(batch["pixel_values"]).permute(0, 3, 1, 2).contiguous()
-    padding = torch.from_numpy(~batch["pixel_mask"])              # the original: True on padding
-    targets = [{"labels": torch.from_numpy(batch["labels"][i][v]).long(),
-                "boxes": torch.from_numpy(batch["boxes"][i][v]),
-                "masks": torch.from_numpy(batch["masks"][i][v])}
+    images = torch.from_numpy(batch["pixel_values"]).permute(0, 3, 1, 2).contiguous().to(device)
+    padding = torch.from_numpy(~batch["pixel_mask"]).to(device)      # the original: True on padding
+    targets = [{"labels": torch.from_numpy(batch["labels"][i][v]).long().to(device),
+                "boxes": torch.from_numpy(batch["boxes"][i][v]).to(device),
+                "masks": torch.from_numpy(batch["masks"][i][v]).to(device)}
                for i, v in enumerate(batch["valid"])]
 
     def step() -> float:
@@ -302,6 +301,17 @@ def torch_step(config_name: str, name: str, repeats: int) -> Dict[str, float]:
         optimizer.step()
         return float(total.detach())
 
+    return step
+
+
+def torch_step(config_name: str, name: str, repeats: int) -> Dict[str, float]:
+    """Times the original's train step in PyTorch on the bench batch (this process: the worker)."""
+    import torch
+
+    from detr_jax.config import load_config   # dataclasses only (no JAX)
+
+    batch_size, h, w = CASES[name]
+    step = torch_train_step(load_config(config_name), batch_size, h, w)
     step()                                        # warm-up
     times = []
     for _ in range(repeats):
