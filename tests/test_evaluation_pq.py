@@ -208,7 +208,7 @@ def test_unknown_segment_ids_and_categories_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"ids must lie in \[0, 2\*\*24\)"):
         pq_stats_from_arrays(gt, gt_segments, pred + 2 ** 24, pred_segments, CATEGORIES)
     with pytest.raises(KeyError, match="image with ID 1 segment IDs \\[12\\]"):
-        evaluate_one(tmp_path, gt, gt_segments, pred, pred_segments[:2])
+        evaluate_one(tmp_path, gt, gt_segments, pred, pred_segments[:2], strict=True)
 
 
 def test_missing_prediction_for_an_image(tmp_path):
@@ -216,7 +216,45 @@ def test_missing_prediction_for_an_image(tmp_path):
     gt = write_panoptic(tmp_path, "gt", [(1, ids, [seg(1, 1)]), (2, ids, [seg(1, 1)])])
     pred = write_panoptic(tmp_path, "pred", [(1, ids, [seg(1, 1)])])
     with pytest.raises(KeyError, match="no prediction for the image with id: 2"):
-        pq_compute(gt, pred, progress=False)
+        pq_compute(gt, pred, progress=False, strict=True)
+    results = pq_compute(gt, pred, progress=False)
+    assert results["failed_images"] == {"2": "no prediction for the image with id: 2"}
+    assert results["num_images"] == 1 and results["All"]["pq"] == 1.0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_one_bad_image_never_costs_the_others(tmp_path, workers):
+    """Each kind of per-image failure lands in failed_images with its reason; the PQ of the rest is
+    what the good images alone give."""
+    rng = np.random.default_rng(3)
+    good = [(i, *random_image(rng)) for i in range(3)]
+    ids = np.ones((6, 6), np.int64)
+    bad = [(10, ids, [seg(1, 3)], ids[:4], [seg(1, 3)]),           # id maps of two shapes
+           (11, ids, [seg(1, 3)], ids * 7, [seg(1, 3)]),            # predicted segment 7 not in segments_info
+           (12, ids, [seg(1, 3)], ids, [seg(1, 42)]),               # unknown category
+           (13, ids, [seg(1, 3)], ids, [seg(1, 3)]),                # prediction PNG deleted below
+           (14, ids, [seg(1, 3)], ids, [seg(1, 3)])]                # prediction PNG truncated below
+    everything = good + bad
+    gt = write_panoptic(tmp_path, "gt", [(i, g, gs) for i, g, gs, _, _ in everything])
+    pred = write_panoptic(tmp_path, "pred", [(i, p, ps) for i, _, _, p, ps in everything])
+    (tmp_path / "pred" / f"{13:012d}.png").unlink()
+    png = tmp_path / "pred" / f"{14:012d}.png"
+    png.write_bytes(png.read_bytes()[:20])
+
+    results = pq_compute(gt, pred, workers=workers, progress=False)
+
+    failed = results["failed_images"]
+    assert sorted(failed) == ["10", "11", "12", "13", "14"] and results["num_images"] == 3
+    assert "differ in shape" in failed["10"]
+    assert "KeyError" in failed["11"] and "[7]" in failed["11"]
+    assert "unknown category_id 42" in failed["12"]
+    assert f"{13:012d}.png" in failed["13"]
+    assert failed["14"]
+    expected = pq_average(merge_pq_stats(*(brute_force_stats(g, gs, p, ps) for _, g, gs, p, ps in good)), CATEGORIES)
+    for split in ("All", "Things", "Stuff"):
+        assert results[split] == pytest.approx(expected[split], abs=1e-12)
+    with pytest.raises(ValueError, match="differ in shape"):
+        pq_compute(gt, pred, workers=workers, progress=False, strict=True)
 
 
 def test_folders_default_to_the_json_path_and_can_be_given(tmp_path):

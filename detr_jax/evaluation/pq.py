@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import multiprocessing
 import os
 from typing import Any, Dict, Iterable, Mapping, Sequence, Tuple, Union
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 from detr_jax.panoptic_format import ID_LIMIT, VOID, read_id_map
 
+log = logging.getLogger(__name__)
 OFFSET = ID_LIMIT  # ids are below 2**24, so a (gt, pred) pair packs into one int64 key
 MATCH_IOU = 0.5  # a match needs IoU strictly above this
 IGNORED_FRACTION = 0.5  # an unmatched prediction more than this much on VOID/crowd is no FP
@@ -220,6 +222,24 @@ def _image_stats_from_files(annotations: Tuple[Mapping, Mapping], gt_folder: str
                                 categories, image_id=gt_ann["image_id"], gt_areas_from_json=True)
 
 
+def _image_stats_or_failure(annotations: Tuple[Mapping, Mapping], **kwargs) -> Tuple[Any, PQStats, str]:
+    """(image id, its PQ sums, "") or (image id, {}, the reason it could not be scored)."""
+    image_id = annotations[0]["image_id"]
+    try:
+        return image_id, _image_stats_from_files(annotations, **kwargs), ""
+    except Exception as error:   # noqa: BLE001 (reported in failed_images; the other images go on)
+        return image_id, {}, failure_reason(error)
+
+
+def failure_reason(error: BaseException) -> str:
+    """How a failed image's reason reads: the message, with the exception's kind when the message
+    alone would not say it (a bare KeyError's message is just the key)."""
+    text = str(error)
+    if isinstance(error, OSError) and text:
+        return text
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def _warm_up_worker() -> None:
     # glibc serves big arrays with fresh mmaps (page faults on every image: ~1.5x the CPU time)
     # until it has freed one big block; free one up front, below its 32 MiB cap for that.
@@ -235,13 +255,19 @@ def _worker_context() -> multiprocessing.context.BaseContext:
 def pq_compute(gt_json_file: Union[str, os.PathLike], pred_json_file: Union[str, os.PathLike],
                gt_folder: Union[str, os.PathLike, None] = None,
                pred_folder: Union[str, os.PathLike, None] = None, *,
-               workers: int = 0, progress: bool = True) -> Dict[str, Any]:
+               workers: int = 0, progress: bool = True, strict: bool = False) -> Dict[str, Any]:
     """panopticapi's `pq_compute` on COCO panoptic JSON files and PNG folders.
 
-    Folders default to the JSON paths without '.json'. Every ground-truth image needs a
-    prediction (extra predicted images are ignored). `workers` > 0 reads and scores the images in
-    that many processes; the result is the same as in-process (`workers=0`). Returns the dict of
-    `pq_average`.
+    Folders default to the JSON paths without '.json' (a missing folder is an error up front).
+    `workers` > 0 reads and scores the images in that many processes; the result is the same as
+    in-process (`workers=0`).  Extra predicted images are ignored.
+
+    One image never costs the others: an image that cannot be scored (no prediction for it, a PNG
+    missing or unreadable, id maps of two shapes, a segment id absent from `segments_info`, an
+    unknown category, ...) is left out of the sums, with its reason in `failed_images`
+    {str(image_id): reason}, and the others are scored.  `strict=True` raises on the first such
+    image instead, as panopticapi does.  Returns `pq_average`'s dict plus `num_images` (scored)
+    and `failed_images`.
     """
     gt_json_file, pred_json_file = os.fspath(gt_json_file), os.fspath(pred_json_file)
     with open(gt_json_file) as f:
@@ -256,22 +282,44 @@ def pq_compute(gt_json_file: Union[str, os.PathLike], pred_json_file: Union[str,
     categories = {c["id"]: c for c in gt_json["categories"]}
 
     pred_by_image = {a["image_id"]: a for a in pred_json["annotations"]}
-    pairs = []
+    pairs, failed = [], {}
     for gt_ann in gt_json["annotations"]:
-        if gt_ann["image_id"] not in pred_by_image:
+        if gt_ann["image_id"] in pred_by_image:
+            pairs.append((gt_ann, pred_by_image[gt_ann["image_id"]]))
+        elif strict:
             raise KeyError(f"no prediction for the image with id: {gt_ann['image_id']}")
-        pairs.append((gt_ann, pred_by_image[gt_ann["image_id"]]))
+        else:
+            failed[str(gt_ann["image_id"])] = f"no prediction for the image with id: {gt_ann['image_id']}"
 
-    score = functools.partial(_image_stats_from_files, gt_folder=gt_folder, pred_folder=pred_folder,
-                              categories=categories)
+    kwargs = dict(gt_folder=gt_folder, pred_folder=pred_folder, categories=categories)
     bar = functools.partial(tqdm, total=len(pairs), desc="PQ", unit="image", disable=not progress)
+    if strict:
+        score = functools.partial(_image_stats_from_files, **kwargs)
+    else:
+        score = functools.partial(_image_stats_or_failure, **kwargs)
     total: PQStats = {}
+    scored = 0
+
+    def accumulate(outcome) -> None:
+        nonlocal total, scored
+        if strict:
+            stats = outcome
+        else:
+            image_id, stats, reason = outcome
+            if reason:
+                failed[str(image_id)] = reason
+                return
+        total, scored = merge_pq_stats(total, stats), scored + 1
+
     if workers > 0 and pairs:
         chunksize = max(1, min(16, len(pairs) // (4 * workers)))
         with _worker_context().Pool(workers, initializer=_warm_up_worker) as pool:
-            for stats in bar(pool.imap(score, pairs, chunksize=chunksize)):
-                total = merge_pq_stats(total, stats)
+            for outcome in bar(pool.imap(score, pairs, chunksize=chunksize)):
+                accumulate(outcome)
     else:
-        for stats in bar(map(score, pairs)):
-            total = merge_pq_stats(total, stats)
-    return pq_average(total, categories)
+        for outcome in bar(map(score, pairs)):
+            accumulate(outcome)
+    if failed:
+        log.warning("PQ: %d of %d images could not be scored and are left out: %s", len(failed),
+                    len(gt_json["annotations"]), "; ".join(f"{k}: {v}" for k, v in list(failed.items())[:5]))
+    return dict(pq_average(total, categories), num_images=scored, failed_images=failed)

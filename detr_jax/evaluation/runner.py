@@ -45,7 +45,7 @@ from detr_jax.data.coco import (BadSampleError, CocoDetection, CocoPanoptic, coc
                                 read_panoptic_png)
 from detr_jax.evaluation.coco import (boxes_to_coco_results, coco_evaluate, load_coco, masks_to_coco_results,
                                       panoptic_to_instances, write_results_json)
-from detr_jax.evaluation.pq import merge_pq_stats, pq_average, pq_stats_from_arrays
+from detr_jax.evaluation.pq import failure_reason, merge_pq_stats, pq_average, pq_stats_from_arrays
 from detr_jax.panoptic_format import coco_panoptic_ids
 from detr_jax.predict import Predictor
 
@@ -307,11 +307,10 @@ def _score_image(gt: "GroundTruth", image_id: int, result: Mapping[str, Any]) ->
 
 
 def _reason(error: BaseException) -> str:
-    """A failure's reason as reported: the message, with the kind when the message alone is bare."""
-    text = str(error)
-    if isinstance(error, (BadSampleError, OSError)) and text:
-        return text
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    """A failure's reason as reported (`pq.failure_reason`; a bad sample's message alone)."""
+    if isinstance(error, BadSampleError) and str(error):
+        return str(error)
+    return failure_reason(error)
 
 
 def _known_categories(ids: np.ndarray, segments, known: Mapping[int, bool]):
