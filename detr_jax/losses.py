@@ -212,7 +212,9 @@ def set_criterion(outputs: Dict, targets: Dict[str, Array], config: LossConfig =
 
     num_devices = total(1)
     num_boxes = jnp.maximum(total(jnp.sum(targets["valid"]).astype(jnp.float32)), 1.0) / num_devices
-    ce = sums["ce_num"] / (total(sums["ce_den"]) / num_devices)
+    ce_den = total(sums["ce_den"]) / num_devices
+    # a batch of filler rows only (every image unreadable) weighs nothing: loss 0, not 0 / 0
+    ce = sums["ce_num"] / jnp.where(ce_den > 0, ce_den, 1.0)
     correct, matched = total(sums["correct"]), total(sums["matched"])
     class_error = jnp.where(matched > 0, 100 - 100 * correct / jnp.maximum(matched, 1.0), 100.0)
     num_samples = jnp.maximum(total(jnp.sum(targets["sample_valid"]).astype(jnp.float32)), 1.0)

@@ -153,6 +153,17 @@ def test_an_invalid_row_counts_for_nothing():
     assert float(all_valid["loss"]) != pytest.approx(float(terms["loss"]))   # the row did count before
 
 
+def test_a_batch_of_filler_rows_only_is_a_zero_loss_with_zero_gradients():
+    """Every image of the batch unreadable (the loader's rows all have sample_valid False): the
+    losses are 0 and finite, not 0 / 0, and nothing is learned from the batch."""
+    outputs, targets = synthetic(np.random.default_rng(8), counts=(2, 3, 1), num_aux=1)
+    fillers = dict(targets, sample_valid=np.zeros(3, bool))
+    terms, grads = loss_and_grads(outputs, fillers, MASKS_AUX)
+    for name in ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_mask", "loss_dice"):
+        assert float(terms[name]) == 0.0, name
+    assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grads))
+
+
 def test_no_targets_at_all_is_finite_with_zero_box_gradients():
     outputs, _ = synthetic(np.random.default_rng(4))
     empty = {"labels": np.zeros((3, 0), np.int32), "boxes": np.zeros((3, 0, 4), np.float32),

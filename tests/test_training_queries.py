@@ -300,3 +300,49 @@ def test_training_with_accelerators_exports_plain_detr(accelerated_run):
     loaded = forward(model.variables)
     for name in ("pred_logits", "pred_boxes"):
         np.testing.assert_array_equal(loaded[name], expected[name])
+
+
+FINE_TUNE_CONFIG = '''
+import dataclasses
+from detr_jax.config import TrainConfig, load_config
+
+
+def get_config():
+    cfg = load_config("detr_tiny")
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, dropout=0.0),
+        data=dataclasses.replace(cfg.data, train_scales=(64,), train_max_size=64, crop_prob=0.0, hflip_prob=0.0),
+        train=TrainConfig(batch_size=2, max_steps=2, log_every=1, save_every=2, num_workers=0, stage="detection"))
+'''
+
+
+def test_fine_tuning_on_a_users_coco_set_with_the_accelerators_on(accelerated_run, tmp_path):
+    """`detr-jax train --init-from MODEL --num-classes auto --query-groups 2 --denoising-groups 2` on a
+    user's COCO-format detection set (the awkward set: every image kind, a truncated and a missing
+    file): the class head is re-fitted to the set's labels, everything else starts from MODEL, and
+    the result is plain DETR with the set's classes."""
+    from awkward_set import write_awkward_set
+    from detr_jax import train as train_module
+
+    user_set = write_awkward_set(tmp_path / "set")
+    config_file = tmp_path / "fine_tune.py"
+    config_file.write_text(FINE_TUNE_CONFIG)
+    source = accelerated_run["workdir"] / "model"
+    result = train_module.run(str(config_file), tmp_path / "run", images=str(user_set["images"]),
+                              annotations=str(user_set["instances"]), init_from=str(source), num_classes="auto",
+                              query_groups=2, denoising_groups=2, progress=False)
+
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert result["steps"] == 2 and all(np.isfinite(r["loss_groups"]) and np.isfinite(r["loss_dn"]) for r in rows)
+    config = checkpoint.read_config(tmp_path / "run" / "model")
+    assert config.num_classes == 2                                    # category ids {1}: classes 0..1
+    exported = flat(checkpoint.load_variables(tmp_path / "run" / "model", config))
+    assert not any(TRAINING_ONLY in k for k in exported)
+    assert exported["params/class_embed/kernel"].shape == (config.hidden_dim, config.num_classes + 1)
+    before = flat(checkpoint.load_variables(source, checkpoint.read_config(source)))
+    # started from MODEL: its query embedding moved by two small steps, not re-drawn
+    assert np.abs(exported["params/query_embed/embedding"] - before["params/query_embed/embedding"]).max() < 0.05
+    model = detr_jax.load(tmp_path / "run" / "model", policy="cpu")
+    images, masks = tiny_images()
+    outputs = model(images, masks)
+    assert outputs["pred_logits"].shape == (images.shape[0], config.num_queries, 3)
