@@ -75,6 +75,9 @@ def match_cost(outputs: Dict[str, Array], targets: Dict[str, Array], cost_class:
     return cost_bbox * bbox_cost + cost_class * class_cost + cost_giou * giou_cost
 
 
+NONFINITE_COST = 1e30   # stands in for NaN / inf costs, which scipy refuses
+
+
 def _scipy_host(cost: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Host side: `[..., Q, M]` costs and `[..., M]` validity -> `[..., Q]` int32 matches."""
     cost, valid = np.asarray(cost), np.asarray(valid)
@@ -86,7 +89,12 @@ def _scipy_host(cost: np.ndarray, valid: np.ndarray) -> np.ndarray:
     for i, (c, v) in enumerate(zip(flat_cost, flat_valid)):
         cols = np.flatnonzero(v)
         if cols.size:                      # zero-object images keep all -1
-            rows, picked = scipy.optimize.linear_sum_assignment(c[:, cols])
+            block = c[:, cols]
+            if not np.isfinite(block).all():
+                # diverged outputs: match anyway, so that the train loop's non-finite loss check
+                # stops the run naming the step, instead of scipy's error inside the callback
+                block = np.nan_to_num(block, nan=NONFINITE_COST, posinf=NONFINITE_COST, neginf=-NONFINITE_COST)
+            rows, picked = scipy.optimize.linear_sum_assignment(block)
             out[i, rows] = cols[picked]
     return out.reshape(lead + (num_queries,))
 

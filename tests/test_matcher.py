@@ -181,3 +181,17 @@ def test_empty_target_arrays_and_index_pairs():
     np.testing.assert_array_equal(pairs[0][0], [1, 3])
     np.testing.assert_array_equal(pairs[0][1], [2, 0])
     assert pairs[1][0].size == 0 and pairs[1][0].dtype == np.int64
+
+
+def test_non_finite_costs_still_give_a_one_to_one_match():
+    """Diverged outputs (NaN boxes) reach the matcher before the train loop's non-finite loss
+    check: the scipy matcher still returns one query per valid slot instead of failing inside
+    the callback."""
+    outputs, targets = random_problem(np.random.default_rng(5), batch=3)   # 0, 1 and 2 objects
+    outputs = dict(outputs, pred_boxes=np.asarray(outputs["pred_boxes"]).copy())
+    outputs["pred_boxes"][1, :3] = np.nan
+    outputs["pred_boxes"][2] = np.inf
+    match = np.asarray(jax.jit(matcher.hungarian_match)(outputs, targets))
+    for row, valid in zip(match, np.asarray(targets["valid"])):
+        assert sorted(row[row >= 0]) == list(np.flatnonzero(valid))
+    assert (match[1:] >= 0).sum() == 3

@@ -131,7 +131,7 @@ class Loader:
         self.num_skipped = 0
         self._lock = threading.Lock()
         self._warned_max_boxes = False
-        self._with_masks = False  # whether the samples seen so far carry masks
+        self._with_masks: Optional[bool] = None  # whether the samples carry masks (None: not known yet)
         self._order_cache: Dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -172,6 +172,19 @@ class Loader:
             return None
         return self.transform(record, np.random.default_rng([self.seed, 1, epoch, index]))
 
+    def _samples_carry_masks(self) -> bool:
+        """Whether the dataset's samples carry masks: as the last good batch's, else read from the
+        first readable record (once; a first batch of unreadable rows still has every key)."""
+        if self._with_masks is None:
+            self._with_masks = False
+            for index in range(len(self.dataset)):
+                try:
+                    self._with_masks = "masks" in self.dataset[index]
+                    break
+                except BadSampleError:
+                    continue
+        return self._with_masks
+
     def _collate(self, samples: List[Optional[Sample]]) -> Dict[str, np.ndarray]:
         good = [s for s in samples if s is not None]
         if good:
@@ -181,7 +194,7 @@ class Loader:
             good = [{"image": np.zeros((m, m, 3), np.float32), "labels": np.zeros(0, np.int32),
                      "boxes": np.zeros((0, 4), np.float32), "area": np.zeros(0, np.float32),
                      "image_id": -1, "orig_size": (m, m), "image_size": (m, m)}]
-            if self._with_masks:
+            if self._samples_carry_masks():
                 good[0]["masks"] = np.zeros((0, m, m), bool)
         valid = [s is not None for s in samples]
         filled = [s if s is not None else good[i % len(good)] for i, s in enumerate(samples)]
