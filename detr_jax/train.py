@@ -300,11 +300,34 @@ def run_keys(seed: int):
     return tuple(jax.random.split(jax.random.PRNGKey(seed)))
 
 
+def mask_attention_positions(model_config: ModelConfig, image_size: int) -> int:
+    """heads x h x w of the mask head's attention maps for square `image_size` images: the
+    `TrainConfig.mask_attention_gain` that gives each map position the weight of a unit input."""
+    stride = 16 if model_config.dilation or model_config.is_convnet else 32
+    side = -(-image_size // stride)
+    return model_config.num_heads * side * side
+
+
+def scale_mask_attention_kernel(params: Dict[str, Any], model_config: ModelConfig, gain: float) -> Dict[str, Any]:
+    """`params` with the first mask-head convolution's kernel on the attention-map input channels
+    (`mask_head/lay1`, HWIO, the last `num_heads` input channels) multiplied by `gain`."""
+    if gain == 1.0 or "mask_head" not in params:
+        return params
+    kernel = np.array(params["mask_head"]["lay1"]["kernel"])
+    kernel[:, :, kernel.shape[2] - model_config.num_heads:, :] *= gain
+    lay1 = dict(params["mask_head"]["lay1"], kernel=kernel)
+    return dict(params, mask_head=dict(params["mask_head"], lay1=lay1))
+
+
 def initial_state(config: Config, model_config: ModelConfig, optimizer, init_from, rng,
                   queries: Optional[TrainingQueries] = None) -> TrainState:
-    """Step 0: the model's variables (random, or merged from `init_from`) and, with `queries`, the
-    training-only parameters in `params["training_only"]` (from a key of their own)."""
+    """Step 0: the model's variables (random, or merged from `init_from`: a fresh mask head's
+    attention-map kernel scaled by `mask_attention_gain`, one loaded from `init_from` kept as it
+    is) and, with `queries`, the training-only parameters in `params["training_only"]` (from a
+    key of their own)."""
     variables = jax.tree.map(np.asarray, init_variables(dataclasses.replace(model_config, dtype="float32"), rng))
+    variables = dict(variables, params=scale_mask_attention_kernel(variables["params"], model_config,
+                                                                   config.train.mask_attention_gain))
     if init_from is not None:
         variables = load_pretrained(init_from, variables, model_config)
     elif config.train.stage == "masks":

@@ -331,3 +331,36 @@ def test_cli_train_parses_into_the_library_call(monkeypatch):
                           split="train2017", images="imgs", annotations="a.json", panoptic_dir="png", progress=True)
     assert cli.main(["train", "--config", "detr_tiny", "--data", "coco", "--workdir", "wd", "--no-progress"]) == 0
     assert calls[-1][1]["progress"] is False
+
+
+# ------------------------------------------------------------------------------------------------
+# The mask head's attention-map kernel at step 0
+# ------------------------------------------------------------------------------------------------
+def test_a_fresh_mask_head_starts_with_its_attention_map_kernel_scaled_and_a_loaded_one_as_it_is(tmp_path):
+    cfg = load_config("detr_tiny")
+    heads, model_config = cfg.model.num_heads, cfg.model
+    optimizer = optim.make_optimizer(detr_jax_abstract(model_config), cfg.train, 10)
+
+    def initial(gain, init_from=None):
+        config = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mask_attention_gain=gain))
+        return train_module.initial_state(config, model_config, optimizer, init_from, jax.random.PRNGKey(3))
+
+    plain_state = initial(1.0)
+    plain, scaled = flat(plain_state.params), flat(initial(4.0).params)
+    kernel = "mask_head/lay1/kernel"
+    np.testing.assert_array_equal(scaled[kernel][:, :, -heads:], 4.0 * plain[kernel][:, :, -heads:])
+    np.testing.assert_array_equal(scaled[kernel][:, :, :-heads], plain[kernel][:, :, :-heads])
+    assert all(np.array_equal(scaled[k], v) for k, v in plain.items() if k != kernel)
+    # the demo's gain is heads x h x w of its 128-pixel images at stride 16
+    demo = load_config("demo")
+    assert demo.train.mask_attention_gain == train_module.mask_attention_positions(demo.model, 128) == 8 * 8 * 8
+
+    checkpoint.save(tmp_path / "panoptic", model_config, {"params": plain_state.params, "buffers": plain_state.buffers})
+    loaded = flat(initial(4.0, init_from=tmp_path / "panoptic").params)
+    np.testing.assert_array_equal(loaded[kernel], plain[kernel])        # a trained mask head is kept
+
+
+def detr_jax_abstract(model_config):
+    from detr_jax.models import abstract_variables
+
+    return abstract_variables(model_config)["params"]

@@ -27,7 +27,7 @@ def get_config() -> Config:
                         max_boxes=8, bucket_multiple=32),
         train=TrainConfig(batch_size=16, max_steps=1500, lr=5e-4, lr_backbone=5e-4, frozen=(), warmup_steps=100,
                           adam_eps=1e-12, lr_drop_step=1300, log_every=25, save_every=250, keep_checkpoints=2,
-                          num_workers=2, stage="detection"),
+                          num_workers=2, stage="detection", mask_attention_gain=512.0),
     )
 
 
