@@ -1,6 +1,6 @@
 """The embedded default: a small panoptic DETR trained from scratch on the synthetic dataset
 (`detr_jax.data.synthetic`: circles, squares, triangles over sky / grass / wall) on a 2-core CPU
-(the whole demo: 14 min 16 s on a quiet machine).  Used by `detr-jax demo`, in the paper's two stages: `get_config()` is
+(README.md gives the time and results).  Used by `detr-jax demo`, in the paper's two stages: `get_config()` is
 stage 1, the detector trained on the panoptic boxes (no mask head); `MASK_STAGE` overrides its
 train config for stage 2, the mask head alone on the frozen detector.
 
@@ -10,8 +10,11 @@ width-8 ResNet it replaced reached box AP 10.7 after 2000 detector steps, this o
 the time per step), nothing frozen, pre-norm, 16 queries,
 lr 5e-4 everywhere with warm-up, the class loss and the class matching cost doubled, and AdamW's
 epsilon at 1e-12: clipping at 0.1 scales gradients down ~200x, which sinks the tiny gradients of
-`bbox_attention` (attention maps of ~1e-3) below the default 1e-8 and keeps the masks from
-becoming query-specific.
+`bbox_attention` (attention maps of ~1e-3) below the default 1e-8; and `mask_attention_gain`
+= 8 heads x 8 x 8 tokens, so that those attention maps weigh in the fresh mask head's first
+convolution as much as its other inputs and the masks become query-specific in the first steps.
+The training-only accelerators (query groups, denoising) are off: on this data they did not
+speed up the detector (BENCHMARKS.md, "Demo convergence").
 """
 from detr_jax.config import Config, DataConfig, LossConfig, ModelConfig, TrainConfig
 
@@ -32,12 +35,14 @@ def get_config() -> Config:
 
 
 # Stage 2: only bbox_attention and the mask head train (TrainConfig.mask_trainable), mask losses on.
-MASK_STAGE = dict(stage="masks", max_steps=600, warmup_steps=0, lr_drop_step=500)
+# With `mask_attention_gain` (above) the masks are query-specific within ~50 steps: on one detector
+# (box AP 21.2), PQ 37.9 / 46.7 / 49.4 / 51.6 after 100 / 200 / 300 / 400 mask steps, where the
+# original's init idled (dice flat at 0.81) and gave 0.4 / 2.1 / 4.8 / 20.8 (BENCHMARKS.md).
+MASK_STAGE = dict(stage="masks", max_steps=400, warmup_steps=0, lr_drop_step=350)
 
 # `detr-jax demo --schedule NAME`: train steps and lr drops of each stage.  "default" is the config
-# above; "long" trains 4x / 3.3x longer (about an hour): one run reached box AP 53.3 and PQ 53.4,
-# both targets (box AP and PQ >= 50; README has the figures and times).  The mask head idles for
-# its first ~600 steps (dice loss flat) before it learns: 1200 mask steps gave PQ 32.2 only.
+# above; "long" trains the detector 4x longer and the masks 5x (about an hour): one run, before the
+# mask-attention gain, reached box AP 53.3 and PQ 53.4 (README has the figures and times).
 SCHEDULES = {
     "default": {},
     "long": dict(detection=dict(max_steps=6000, lr_drop_step=5400), masks=dict(max_steps=2000, lr_drop_step=1700)),
