@@ -25,7 +25,7 @@ RESNET_DEPTHS: Dict[str, Tuple[int, int, int, int]] = {
 RESNET_WIDTHS: Dict[str, int] = {"resnet50": 64, "resnet101": 64, "resnet_tiny": 8}
 # Plain convolutional backbones for training from scratch (`models.backbone.ConvNet`): the
 # channels of their four stride-2 stages.
-CONVNET_WIDTHS: Dict[str, Tuple[int, int, int, int]] = {"convnet_small": (32, 64, 128, 128), "convnet_narrow": (16, 32, 64, 128)}
+CONVNET_WIDTHS: Dict[str, Tuple[int, int, int, int]] = {"convnet_small": (32, 64, 128, 128)}
 
 
 @dataclasses.dataclass(frozen=True)

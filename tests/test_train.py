@@ -17,7 +17,7 @@ from detr_jax import checkpoint, optim, runtime
 from detr_jax.config import TrainConfig, load_config
 from detr_jax.data.coco import CocoPanoptic
 from detr_jax.data.synthetic import ensure_synthetic
-from detr_jax.models.detr import DETR, init_variables
+from detr_jax.models.detr import DETR, abstract_variables, init_variables
 from detr_jax import train as train_module
 from detr_jax.train import nonfinite_error, run_keys, stage_configs, train
 from detr_jax.train_state import IncompatibleCheckpointError, merge_pretrained
@@ -339,7 +339,7 @@ def test_cli_train_parses_into_the_library_call(monkeypatch):
 def test_a_fresh_mask_head_starts_with_its_attention_map_kernel_scaled_and_a_loaded_one_as_it_is(tmp_path):
     cfg = load_config("detr_tiny")
     heads, model_config = cfg.model.num_heads, cfg.model
-    optimizer = optim.make_optimizer(detr_jax_abstract(model_config), cfg.train, 10)
+    optimizer = optim.make_optimizer(abstract_variables(model_config)["params"], cfg.train, 10)
 
     def initial(gain, init_from=None):
         config = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mask_attention_gain=gain))
@@ -358,9 +358,3 @@ def test_a_fresh_mask_head_starts_with_its_attention_map_kernel_scaled_and_a_loa
     checkpoint.save(tmp_path / "panoptic", model_config, {"params": plain_state.params, "buffers": plain_state.buffers})
     loaded = flat(initial(4.0, init_from=tmp_path / "panoptic").params)
     np.testing.assert_array_equal(loaded[kernel], plain[kernel])        # a trained mask head is kept
-
-
-def detr_jax_abstract(model_config):
-    from detr_jax.models import abstract_variables
-
-    return abstract_variables(model_config)["params"]

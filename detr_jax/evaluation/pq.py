@@ -17,6 +17,7 @@ Conventions of the COCO panoptic format:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -222,12 +223,16 @@ def _image_stats_from_files(annotations: Tuple[Mapping, Mapping], gt_folder: str
                                 categories, image_id=gt_ann["image_id"], gt_areas_from_json=True)
 
 
-def _image_stats_or_failure(annotations: Tuple[Mapping, Mapping], **kwargs) -> Tuple[Any, PQStats, str]:
-    """(image id, its PQ sums, "") or (image id, {}, the reason it could not be scored)."""
+def _image_stats_or_failure(annotations: Tuple[Mapping, Mapping], strict: bool,
+                            **kwargs) -> Tuple[Any, PQStats, str]:
+    """(image id, its PQ sums, "") or (image id, {}, the reason it could not be scored); `strict`:
+    the error is raised instead."""
     image_id = annotations[0]["image_id"]
     try:
         return image_id, _image_stats_from_files(annotations, **kwargs), ""
     except Exception as error:   # noqa: BLE001 (reported in failed_images; the other images go on)
+        if strict:
+            raise
         return image_id, {}, failure_reason(error)
 
 
@@ -286,39 +291,28 @@ def pq_compute(gt_json_file: Union[str, os.PathLike], pred_json_file: Union[str,
     for gt_ann in gt_json["annotations"]:
         if gt_ann["image_id"] in pred_by_image:
             pairs.append((gt_ann, pred_by_image[gt_ann["image_id"]]))
-        elif strict:
-            raise KeyError(f"no prediction for the image with id: {gt_ann['image_id']}")
-        else:
-            failed[str(gt_ann["image_id"])] = f"no prediction for the image with id: {gt_ann['image_id']}"
+            continue
+        missing = KeyError(f"no prediction for the image with id: {gt_ann['image_id']}")
+        if strict:
+            raise missing
+        failed[str(gt_ann["image_id"])] = missing.args[0]
 
-    kwargs = dict(gt_folder=gt_folder, pred_folder=pred_folder, categories=categories)
+    score = functools.partial(_image_stats_or_failure, strict=strict, gt_folder=gt_folder,
+                              pred_folder=pred_folder, categories=categories)
     bar = functools.partial(tqdm, total=len(pairs), desc="PQ", unit="image", disable=not progress)
-    if strict:
-        score = functools.partial(_image_stats_from_files, **kwargs)
-    else:
-        score = functools.partial(_image_stats_or_failure, **kwargs)
     total: PQStats = {}
     scored = 0
-
-    def accumulate(outcome) -> None:
-        nonlocal total, scored
-        if strict:
-            stats = outcome
-        else:
-            image_id, stats, reason = outcome
+    with contextlib.ExitStack() as stack:
+        outcomes = map(score, pairs)
+        if workers > 0 and pairs:
+            chunksize = max(1, min(16, len(pairs) // (4 * workers)))
+            pool = stack.enter_context(_worker_context().Pool(workers, initializer=_warm_up_worker))
+            outcomes = pool.imap(score, pairs, chunksize=chunksize)
+        for image_id, stats, reason in bar(outcomes):
             if reason:
                 failed[str(image_id)] = reason
-                return
-        total, scored = merge_pq_stats(total, stats), scored + 1
-
-    if workers > 0 and pairs:
-        chunksize = max(1, min(16, len(pairs) // (4 * workers)))
-        with _worker_context().Pool(workers, initializer=_warm_up_worker) as pool:
-            for outcome in bar(pool.imap(score, pairs, chunksize=chunksize)):
-                accumulate(outcome)
-    else:
-        for outcome in bar(map(score, pairs)):
-            accumulate(outcome)
+                continue
+            total, scored = merge_pq_stats(total, stats), scored + 1
     if failed:
         log.warning("PQ: %d of %d images could not be scored and are left out: %s", len(failed),
                     len(gt_json["annotations"]), "; ".join(f"{k}: {v}" for k, v in list(failed.items())[:5]))
