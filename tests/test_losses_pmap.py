@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, with_test_xla_flags
 
 CHECK = r"""
 import json
@@ -62,7 +62,7 @@ print("REPORT" + json.dumps(report))
 
 
 def test_pmap_equals_single_device_for_the_same_global_batch():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    env = dict(os.environ, XLA_FLAGS=with_test_xla_flags("--xla_force_host_platform_device_count=2"),
                JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-c", CHECK], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=300)

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, with_test_xla_flags
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 540
@@ -111,7 +111,7 @@ def free_port() -> int:
 
 def environment(tmp_path: pathlib.Path, devices: int = 1, cache: bool = False) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=with_test_xla_flags(f"--xla_force_host_platform_device_count={devices}"))
     if cache:  # programs without host callbacks (the "device" matcher) compile once for all runs
         env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
