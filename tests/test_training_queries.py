@@ -241,12 +241,17 @@ def test_each_query_group_gets_its_own_one_to_one_matching(tiny):
 # ------------------------------------------------------------------------------------------------
 # Configs and training
 # ------------------------------------------------------------------------------------------------
-def test_the_accelerators_are_off_by_default_and_in_every_shipped_config():
+def test_the_accelerators_are_off_by_default_and_in_every_paper_recipe_and_the_demo_detector_uses_groups():
+    from detr_jax.demo import demo_stages
+
     model = load_config("detr_tiny").model
     assert training_queries.build(TrainConfig(), model) is None
-    for name in known_configs():
+    for name in set(known_configs()) - {"demo"}:
         train = load_config(name).train
         assert train.query_groups == 1 and train.denoising.groups == 0, name
+    stages = {name: config.train for name, config in demo_stages()}   # the demo: what its measurements chose
+    assert (stages["detection"].query_groups, stages["detection"].denoising.groups) == (4, 0)
+    assert (stages["masks"].query_groups, stages["masks"].denoising.groups) == (1, 0)
     assert training_queries.build(TrainConfig(query_groups=2, stage="masks"), model) is None
     with pytest.raises(ValueError, match="query_groups"):
         training_queries.build(TrainConfig(query_groups=0), model)
