@@ -17,7 +17,8 @@ import pytest
 # The suite's programs are small, so compiling them costs more than running them.  XLA:CPU's own
 # code generation (the fusions LLVM compiles; convolutions and dots are library calls either way)
 # therefore runs at LLVM -O0: two train-step tests of test_train.py took 139 s at the default
-# level and 84 s at -O0, side by side on 2 cores.  No fast-math is involved, so the arithmetic is
+# level and 84 s at -O0, one after the other on 2 cores that a training run also used.  No
+# fast-math is involved, so the arithmetic is
 # the same IEEE float32 and the fidelity tests hold unchanged.  Set at import, before any backend
 # starts, and inherited by the subprocesses the tests start (`with_test_xla_flags` for those that
 # set XLA_FLAGS themselves).  DETR_TESTS_FULL_OPTIMIZATION=1 keeps XLA's default level.
