@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detr_jax import cli
+from detr_jax import cli, demo
 from detr_jax.demo import run_demo
 
 SMALL = dict(num_train=16, num_val=4, image_size=(128, 128), seed=0)
 
 
 @pytest.mark.slow  # compiles the demo's train step and model (about a minute on 2 cores)
-def test_short_demo_writes_data_checkpoints_metrics_and_pictures(tmp_path, capsys):
+def test_short_demo_writes_data_checkpoints_metrics_and_pictures(tmp_path, capsys, monkeypatch):
     metrics = run_demo(tmp_path, max_steps=3, num_pictures=2, dataset_args=SMALL, progress=False)
     for split in ("train2017", "val2017"):
         assert len(list((tmp_path / "data" / split).iterdir())) == SMALL[f"num_{split[:-4]}"]
@@ -39,12 +39,16 @@ def test_short_demo_writes_data_checkpoints_metrics_and_pictures(tmp_path, capsy
     out = capsys.readouterr().out
     assert "PQ" in out and str(tmp_path / "pictures") in out
 
-    # interrupted or repeated: the demo resumes from its checkpoint instead of starting over
+    # interrupted or repeated: the demo resumes from its checkpoint instead of starting over.  The
+    # command uses the demo's dataset, here the small one (the full one takes a minute to draw).
+    monkeypatch.setattr(demo, "DATASET", SMALL)
+    data_files = {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*")}
     code = cli.main(["demo", "--workdir", str(tmp_path), "--max-steps", "3", "--no-progress"])
     assert code == 0
     for stage in ("detection", "masks"):
         rows = [json.loads(line) for line in (tmp_path / "train" / stage / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows if "loss" in r] == [3]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*")} == data_files   # not drawn again
 
 
 def test_the_long_schedule_trains_both_stages_longer_and_a_wrong_name_is_refused(tmp_path):
