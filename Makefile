@@ -18,10 +18,10 @@ $(VENV)/.installed-tfds: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
-# Two pytest workers (pytest-xdist), a test module each at a time: the suite is mostly XLA
-# compilation, which runs on one core.
+# Two pytest workers (pytest-xdist), a test module each at a time, the longest first (see
+# tests/conftest.py): the suite is mostly XLA compilation, which runs on one core.
 test: $(VENV)/.installed-tfds
-	$(PY) -m pytest -q -n 2 --dist loadscope
+	$(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/detr-jax demo --workdir demo

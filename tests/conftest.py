@@ -14,25 +14,67 @@ from typing import Dict, Iterable, Optional
 import numpy as np
 import pytest
 
-# The suite's programs are small, so compiling them costs more than running them.  XLA:CPU's own
-# code generation (the fusions LLVM compiles; convolutions and dots are library calls either way)
-# therefore runs at LLVM -O0: two train-step tests of test_train.py took 139 s at the default
-# level and 84 s at -O0, one after the other on 2 cores that a training run also used.  No
-# fast-math is involved, so the arithmetic is
-# the same IEEE float32 and the fidelity tests hold unchanged.  Set at import, before any backend
-# starts, and inherited by the subprocesses the tests start (`with_test_xla_flags` for those that
-# set XLA_FLAGS themselves).  DETR_TESTS_FULL_OPTIMIZATION=1 keeps XLA's default level.
-TEST_XLA_FLAGS = "" if os.environ.get("DETR_TESTS_FULL_OPTIMIZATION") == "1" else "--xla_backend_optimization_level=0"
+# The suite's programs are small, so compiling them costs more than running them.  Two XLA:CPU
+# options make compiling cheaper without touching the arithmetic (no fast-math: the same IEEE
+# float32, and the fidelity tests hold unchanged):
+# - LLVM at -O0 for XLA's own code (the fusions; convolutions and dots are library calls either
+#   way): two train-step tests of test_train.py took 139 s at the default level and 84 s at -O0,
+#   one after the other on 2 cores that a training run also used;
+# - the fusions emitted by XLA's classic LLVM IR emitters rather than its newer MLIR ones: two
+#   test_models.py tests and one test_train.py test took 80.6 s with the newer and 55.8 s with the
+#   classic ones, both at -O0, on an otherwise idle 2-core machine (2026-12-05).
+# Set at import, before any backend starts, and inherited by the subprocesses the tests start
+# (`with_test_xla_flags` for those that set XLA_FLAGS themselves).  DETR_TESTS_FULL_OPTIMIZATION=1
+# keeps XLA's defaults.
+TEST_XLA_FLAGS = () if os.environ.get("DETR_TESTS_FULL_OPTIMIZATION") == "1" else (
+    "--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 
 
 def with_test_xla_flags(flags: str = "") -> str:
-    """`flags` (an XLA_FLAGS value) plus the suite's compile options, unless they already set the level."""
-    if "xla_backend_optimization_level" in flags:
-        return flags
-    return " ".join(f for f in (flags, TEST_XLA_FLAGS) if f)
+    """`flags` (an XLA_FLAGS value) plus those of the suite's compile options it does not set itself."""
+    own = [f for f in TEST_XLA_FLAGS if f.split("=")[0].lstrip("-") not in flags]
+    return " ".join(f for f in (flags, *own) if f)
 
 
 os.environ["XLA_FLAGS"] = with_test_xla_flags(os.environ.get("XLA_FLAGS", ""))
+
+
+def share_compilation_cache() -> None:
+    """One JAX persistent compilation cache for the whole run: the pytest workers and every
+    subprocess the tests start (they inherit the environment) skip the XLA compilation of a program
+    that another test already compiled.  Many tests build the same tiny models at the same shapes;
+    programs with host callbacks (the scipy matcher's train steps) are never cached by JAX.  The
+    process that creates the folder (pytest itself, or its xdist controller, whose workers inherit
+    it) removes it at exit.  DETR_TESTS_NO_COMPILATION_CACHE=1, or a JAX_COMPILATION_CACHE_DIR of
+    one's own, opts out."""
+    if os.environ.get("DETR_TESTS_NO_COMPILATION_CACHE") == "1" or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="detr_jax_tests_xla_cache_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=folder, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+share_compilation_cache()
+
+# `make test` runs two pytest-xdist workers, a module whole on one worker (`--dist loadscope`), in
+# collection order (`--no-loadscope-reorder`).  The modules that take minutes start first, longest
+# first, so that the short ones fill the gaps and both workers finish together.  The order is that
+# of their times in a two-worker run of the whole suite (2026-12-05, 2 cores); the other modules
+# follow in pytest's order.
+LONGEST_MODULES_FIRST = (
+    "test_train.py", "test_bench_accelerator.py", "test_train_multiprocess.py", "test_models.py",
+    "test_demo.py", "test_fidelity.py", "test_predict.py", "test_training_queries.py", "test_export.py",
+    "test_mixed_precision.py", "test_convert.py", "test_runtime.py", "test_data_tfds.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: a module's own order stays
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TEST_DATA = REPO / "tests" / "data"
