@@ -38,8 +38,9 @@ def get_config() -> Config:
     )
 
 
-# Stage 2: only bbox_attention and the mask head train (TrainConfig.mask_trainable), mask losses on,
-# one query group (the query groups are the detector stage's, as measured).
+# Stage 2: only bbox_attention and the mask head train (TrainConfig.mask_trainable), mask losses on.
+# The query groups train the detector: the "masks" stage builds none whatever its config says
+# (`training_queries.build`, which warns when it is asked to), so this one says 1.
 # With `mask_attention_gain` (above) the masks are query-specific within ~50 steps: on one detector
 # (box AP 21.2), PQ 37.9 / 46.7 / 49.4 / 51.6 after 100 / 200 / 300 / 400 mask steps, where the
 # original's init idled (dice flat at 0.81) and gave 0.4 / 2.1 / 4.8 / 20.8 (BENCHMARKS.md).
