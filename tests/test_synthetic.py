@@ -110,6 +110,18 @@ def test_deterministic_by_seed(root, tmp_path):
     assert (again / png).read_bytes() == (root / png).read_bytes()
 
 
+def test_worker_processes_write_the_same_files_as_one_process(tmp_path, monkeypatch):
+    params = dict(PARAMS, num_train=7)
+    alone = synthetic.generate(tmp_path / "alone", workers=1, **params)
+    monkeypatch.setattr(synthetic, "PARALLEL_MIN_IMAGES", 4)
+    monkeypatch.setattr(synthetic, "SAMPLES_PER_TASK", 2)
+    shared = synthetic.generate(tmp_path / "shared", workers=2, **params)
+    files = sorted(p.relative_to(alone) for p in alone.rglob("*") if p.is_file())
+    assert len(files) == 2 * (7 + 2) + 5 and files == sorted(p.relative_to(shared) for p in shared.rglob("*") if p.is_file())
+    for name in files:
+        assert (alone / name).read_bytes() == (shared / name).read_bytes(), name
+
+
 def test_ensure_synthetic_generates_only_when_parameters_change(tmp_path):
     small = dict(num_train=1, num_val=1, image_size=(32, 32))
     synthetic.ensure_synthetic(tmp_path, **small)

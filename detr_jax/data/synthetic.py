@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import pathlib
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -187,37 +188,69 @@ def _categories(panoptic: bool) -> List[Dict]:
     return out
 
 
+def _write_sample(root: pathlib.Path, split: str, i: int, sizes: List[Tuple[int, int]], seed: int,
+                  max_objects: int, min_size: int, max_rotation: float, image_format: str):
+    """Render image i of `split`, write its image and panoptic PNG; return its COCO records: (image,
+    instance annotations without their ids, panoptic annotation)."""
+    image_id = i + 1
+    size_rng = _rng(seed + 1, split, i)
+    h, w = sizes[int(size_rng.integers(len(sizes)))]
+    image, segments = render(seed, split, i, (h, w), max_objects, min_size, max_rotation)
+    stem = f"{image_id:012d}"
+    file_name = f"{stem}.{image_format}"
+    options = {"quality": 95} if image_format == "jpg" else {}
+    Image.fromarray(image).save(root / split / file_name, **options)
+    id_map = np.zeros((h, w), np.uint32)
+    segments_info, instances = [], []
+    for seg_id, cat, mask in segments:
+        id_map[mask] = seg_id
+        bbox = _bbox(mask)
+        area = int(mask.sum())
+        segments_info.append({"id": seg_id, "category_id": cat, "iscrowd": 0, "bbox": bbox, "area": area})
+        if cat in THING_IDS:
+            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode("ascii")
+            instances.append({"image_id": image_id, "category_id": cat, "bbox": bbox, "area": float(area),
+                              "iscrowd": 0, "segmentation": rle})
+    rgb = np.stack([id_map % 256, id_map // 256 % 256, id_map // 65536], -1).astype(np.uint8)
+    Image.fromarray(rgb).save(root / "annotations" / f"panoptic_{split}" / f"{stem}.png")
+    return ({"id": image_id, "file_name": file_name, "height": h, "width": w}, instances,
+            {"image_id": image_id, "file_name": f"{stem}.png", "segments_info": segments_info})
+
+
+def _write_samples(args) -> list:
+    """`_write_sample` of each index of a chunk (a worker process's task)."""
+    root, split, indices, rest = args
+    return [_write_sample(root, split, i, *rest) for i in indices]
+
+
+PARALLEL_MIN_IMAGES = 512   # splits this large are rendered by several processes ...
+SAMPLES_PER_TASK = 100      # ... in tasks of this many images
+
+
 def _write_split(root: pathlib.Path, split: str, num: int, sizes: List[Tuple[int, int]], seed: int,
-                 max_objects: int, min_size: int, max_rotation: float, image_format: str) -> None:
+                 max_objects: int, min_size: int, max_rotation: float, image_format: str,
+                 workers: int = 1) -> None:
     (root / split).mkdir(parents=True, exist_ok=True)
-    png_dir = root / "annotations" / f"panoptic_{split}"
-    png_dir.mkdir(parents=True, exist_ok=True)
-    images, instances, panoptic = [], [], []
-    for i in range(num):
-        image_id = i + 1
-        size_rng = _rng(seed + 1, split, i)
-        h, w = sizes[int(size_rng.integers(len(sizes)))]
-        image, segments = render(seed, split, i, (h, w), max_objects, min_size, max_rotation)
-        stem = f"{image_id:012d}"
-        file_name = f"{stem}.{image_format}"
-        options = {"quality": 95} if image_format == "jpg" else {}
-        Image.fromarray(image).save(root / split / file_name, **options)
-        images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
-        id_map = np.zeros((h, w), np.uint32)
-        segments_info = []
-        for seg_id, cat, mask in segments:
-            id_map[mask] = seg_id
-            bbox = _bbox(mask)
-            area = int(mask.sum())
-            segments_info.append({"id": seg_id, "category_id": cat, "iscrowd": 0, "bbox": bbox, "area": area})
-            if cat in THING_IDS:
-                rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-                rle["counts"] = rle["counts"].decode("ascii")
-                instances.append({"id": len(instances) + 1, "image_id": image_id, "category_id": cat,
-                                  "bbox": bbox, "area": float(area), "iscrowd": 0, "segmentation": rle})
-        rgb = np.stack([id_map % 256, id_map // 256 % 256, id_map // 65536], -1).astype(np.uint8)
-        Image.fromarray(rgb).save(png_dir / f"{stem}.png")
-        panoptic.append({"image_id": image_id, "file_name": f"{stem}.png", "segments_info": segments_info})
+    (root / "annotations" / f"panoptic_{split}").mkdir(parents=True, exist_ok=True)
+    rest = (sizes, seed, max_objects, min_size, max_rotation, image_format)
+    chunks = [range(start, min(start + SAMPLES_PER_TASK, num)) for start in range(0, num, SAMPLES_PER_TASK)]
+    tasks = [(root, split, chunk, rest) for chunk in chunks]
+    if workers > 1 and num >= PARALLEL_MIN_IMAGES:
+        import concurrent.futures
+        import multiprocessing
+
+        # fork where there is one (a script calling this needs no `__main__` guard); the workers
+        # run numpy, PIL and pycocotools only
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+            samples = [sample for part in pool.map(_write_samples, tasks) for sample in part]
+    else:
+        samples = [sample for task in tasks for sample in _write_samples(task)]
+    images = [image for image, _, _ in samples]
+    instances = [{"id": k + 1, **annotation}
+                 for k, annotation in enumerate(a for _, annotations, _ in samples for a in annotations)]
+    panoptic = [entry for _, _, entry in samples]
     info = {"description": f"detr-jax synthetic shapes (seed {seed})", "version": str(GENERATOR_VERSION)}
     for name, annotations, pan in (("instances", instances, False), ("panoptic", panoptic, True)):
         with open(root / "annotations" / f"{name}_{split}.json", "w") as f:
@@ -228,11 +261,13 @@ def _write_split(root: pathlib.Path, split: str, num: int, sizes: List[Tuple[int
 def generate(root: Union[str, pathlib.Path], num_train: int = 256, num_val: int = 64,
              image_size: Union[Tuple[int, int], Sequence[Tuple[int, int]]] = (128, 128), seed: int = 0,
              max_objects: int = 5, min_size: int = 12, max_rotation: float = MAX_ROTATION,
-             image_format: str = "jpg") -> pathlib.Path:
+             image_format: str = "jpg", workers: Optional[int] = None) -> pathlib.Path:
     """Write the dataset under `root` (layout in the module docstring) and return `root`.
 
     `image_size` is (height, width), or a list of them to draw one per image.  `image_format` is
-    "jpg" or "png".  Files are overwritten; the manifest is written last.
+    "jpg" or "png".  Files are overwritten; the manifest is written last.  `workers`: processes
+    that render a split of `PARALLEL_MIN_IMAGES` images or more (default: the CPU count); the files
+    are the same whatever their number.
     """
     root = pathlib.Path(root)
     sizes = [tuple(image_size)] if np.ndim(image_size) == 1 else [tuple(s) for s in image_size]
@@ -241,7 +276,8 @@ def generate(root: Union[str, pathlib.Path], num_train: int = 256, num_val: int 
     if image_format not in ("jpg", "png"):
         raise ValueError(f"image_format must be 'jpg' or 'png', not {image_format!r}")
     for split, num in zip(SPLITS, (num_train, num_val)):
-        _write_split(root, split, num, sizes, seed, max_objects, min_size, max_rotation, image_format)
+        _write_split(root, split, num, sizes, seed, max_objects, min_size, max_rotation, image_format,
+                     workers or os.cpu_count() or 1)
     manifest = _manifest(num_train=num_train, num_val=num_val, image_size=image_size, seed=seed,
                          max_objects=max_objects, min_size=min_size, max_rotation=max_rotation,
                          image_format=image_format)
@@ -255,6 +291,7 @@ def _manifest(**kwargs) -> Dict:
     bound.apply_defaults()
     params = dict(bound.arguments)
     params.pop("root")
+    params.pop("workers")   # how, not what
     params["image_size"] = np.asarray(params["image_size"]).tolist()
     return {"generator_version": GENERATOR_VERSION, **params}
 
