@@ -5,10 +5,11 @@ Trains `detr-jax demo`'s recipe (`detr_jax/configs/demo.py`, both stages) on its
 every `--every` detector steps (box AP) and every `--mask-every` mask steps (box AP, segm AP, PQ).
 Variants differ only in the detector stage's training-only accelerators:
 
-    plain       neither (DETR's own training)
+    plain       none (DETR's own training)
     denoising   query denoising, `--denoising-groups` groups
     groups      `--query-groups` parallel query groups
-    both        both
+    encoder     the encoder's dense supervision, weight `--encoder-supervision`
+    A+B         several of them, e.g. groups+encoder; "both" is denoising+groups
     demo        the demo config as it is
 
     python bench/demo_convergence.py --variants plain,denoising,groups,both --seeds 0,1 --out bench_out/convergence
@@ -41,7 +42,19 @@ from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-VARIANTS = ("plain", "denoising", "groups", "both", "demo")
+ACCELERATORS = ("denoising", "groups", "encoder")
+VARIANTS = ("plain", "denoising", "groups", "encoder", "both", "groups+encoder", "denoising+groups+encoder", "demo")
+
+
+def accelerators_of(variant: str) -> set:
+    """The accelerators a variant name turns on ("plain": none; "both": denoising and groups)."""
+    if variant == "plain":
+        return set()
+    names = set(("denoising+groups" if variant == "both" else variant).split("+"))
+    unknown = names - set(ACCELERATORS)
+    if unknown:
+        raise SystemExit(f"unknown accelerators {sorted(unknown)} in variant {variant!r}; known: {ACCELERATORS}")
+    return names
 
 
 def main() -> None:
@@ -54,6 +67,8 @@ def main() -> None:
     parser.add_argument("--mask-every", type=int, default=100, help="mask steps between evaluations")
     parser.add_argument("--query-groups", type=int, default=None, help="K of the groups variants (default: the demo's, else 4)")
     parser.add_argument("--denoising-groups", type=int, default=None, help="of the denoising variants (default: the demo's, else 5)")
+    parser.add_argument("--encoder-supervision", type=float, default=None,
+                        help="the weight of the encoder variants (default: the demo's, else 1)")
     parser.add_argument("--stages", default="detection,masks", help="'detection' alone skips the mask stage")
     parser.add_argument("--detector", default=None,
                         help="a trained detector (a stage-1 model/ folder): the mask stage starts from it, no stage 1")
@@ -65,9 +80,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     variants = [v for v in args.variants.split(",") if v]
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
-        raise SystemExit(f"unknown variants {unknown}; known: {VARIANTS}")
+    for variant in variants:
+        if variant != "demo":
+            accelerators_of(variant)
     out = pathlib.Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     for variant in variants:
@@ -94,11 +109,13 @@ def stage_configs_of(variant: str, seed: int, args) -> List[tuple]:
     for name, config in demo_stages(schedule=args.schedule):
         train = dataclasses.replace(config.train, seed=seed, save_every=config.train.max_steps)
         if name == "detection" and variant != "demo":
+            on = accelerators_of(variant)
             groups = args.query_groups or (config.train.query_groups if config.train.query_groups > 1 else 4)
             dn = args.denoising_groups or (config.train.denoising.groups or 5)
+            encoder = args.encoder_supervision or (config.train.encoder_supervision or 1.0)
             train = dataclasses.replace(
-                train, query_groups=groups if variant in ("groups", "both") else 1,
-                denoising=dataclasses.replace(train.denoising, groups=dn if variant in ("denoising", "both") else 0))
+                train, query_groups=groups if "groups" in on else 1, encoder_supervision=encoder if "encoder" in on else 0.0,
+                denoising=dataclasses.replace(train.denoising, groups=dn if "denoising" in on else 0))
         config = dataclasses.replace(config, train=train)
         config = apply_overrides(config, args.set if name == "detection" else args.mask_set)
         stages.append((name, config))
@@ -150,7 +167,9 @@ def run_one(variant: str, seed: int, args, workdir: pathlib.Path) -> Dict[str, A
         record[name] = timed.rows
         record[f"{name}_seconds"] = timed.rows[-1]["train_seconds"]
         record[f"{name}_train"] = dict(query_groups=config.train.query_groups,
-                                       denoising_groups=config.train.denoising.groups, steps=config.train.max_steps)
+                                       denoising_groups=config.train.denoising.groups,
+                                       encoder_supervision=config.train.encoder_supervision,
+                                       steps=config.train.max_steps, batch_size=config.train.batch_size)
         losses = [json.loads(line) for line in (workdir / name / "metrics.jsonl").read_text().splitlines()]
         record[f"{name}_losses"] = [{k: row[k] for k in ("step", "loss", "loss_dice", "loss_mask", "loss_bbox")
                                      if k in row} for row in losses if "loss" in row]

@@ -118,6 +118,9 @@ def add_train_command(subparsers) -> None:
     p.add_argument("--denoising-groups", type=int, metavar="N",
                    help="decode N noised copies of the ground truth as denoising queries (DN-DETR; training only; "
                         "default: the config's, 0 = off)")
+    p.add_argument("--encoder-supervision", type=float, metavar="W",
+                   help="add W times a dense one-to-many detection loss on the encoder's tokens (after Co-DETR; "
+                        "training only: its head is not exported; default: the config's, 0 = off)")
     p.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0, or 'auto' where JAX detects "
                                           "the cluster (SLURM, Cloud TPU pods)")
     p.add_argument("--num-processes", type=int)
@@ -143,7 +146,7 @@ def run_train(args) -> int:
     train.run(args.config, args.workdir, num_classes=args.num_classes, batch_size=args.batch_size,
               max_steps=args.max_steps, stage=args.stage, mixed_precision=args.mixed_precision,
               query_groups=args.query_groups, denoising_groups=args.denoising_groups,
-              init_from=args.init_from, resume=args.resume,
+              encoder_supervision=args.encoder_supervision, init_from=args.init_from, resume=args.resume,
               coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
               data=args.data, split=args.split, images=args.images, annotations=args.annotations,
               panoptic_dir=args.panoptic_dir, progress=not args.no_progress,

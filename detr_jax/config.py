@@ -25,7 +25,8 @@ RESNET_DEPTHS: Dict[str, Tuple[int, int, int, int]] = {
 RESNET_WIDTHS: Dict[str, int] = {"resnet50": 64, "resnet101": 64, "resnet_tiny": 8}
 # Plain convolutional backbones for training from scratch (`models.backbone.ConvNet`): the
 # channels of their four stride-2 stages.
-CONVNET_WIDTHS: Dict[str, Tuple[int, int, int, int]] = {"convnet_small": (32, 64, 128, 128)}
+CONVNET_WIDTHS: Dict[str, Tuple[int, int, int, int]] = {"convnet_small": (32, 64, 128, 128),
+                                                        "convnet_tiny": (16, 32, 64, 128)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +189,8 @@ class TrainConfig:
     # plain DETR.  Both off in the paper recipes.
     denoising: DenoisingConfig = DenoisingConfig()
     query_groups: int = 1           # parallel query groups, each matched one-to-one (Group DETR); 1 disables
+    encoder_supervision: float = 0.0  # weight of the encoder tokens' dense one-to-many detection loss
+                                    # (`detr_jax.encoder_supervision`, after Co-DETR); 0 disables
 
 
 def to_json(cfg: Any) -> str:

@@ -37,6 +37,7 @@ from detr_jax.config import LossConfig
 from detr_jax.matcher import ensure_target_slot, hungarian_match, safe_target_boxes
 
 Array = jnp.ndarray
+NO_LOSS = -2    # an assignment (`assigned_criterion`) that gives a query no loss term at all
 
 # weighted terms -> the LossConfig field holding their weight (aux copies `<name>_<i>` share it)
 WEIGHT_FIELDS = {"loss_ce": "ce_weight", "loss_bbox": "bbox_weight", "loss_giou": "giou_weight",
@@ -63,15 +64,16 @@ def _gather_queries(values: Array, match: Array) -> Array:
 def _detection_sums(logits: Array, boxes: Array, match: Array, targets: Dict[str, Array],
                     eos_coef: float) -> Dict[str, Array]:
     """Unnormalized sums of one decoder layer: logits `[B, Q, C+1]`, boxes `[B, Q, 4]`,
-    match `[B, Q]`, over the rows with `targets["sample_valid"]` `[B]`.  Returns scalars:
-    ce_num, ce_den, l1, giou, correct, matched, card_abs."""
+    match `[B, Q]` (a target slot, -1 "no object", `NO_LOSS`), over the rows with
+    `targets["sample_valid"]` `[B]`.  Returns scalars: ce_num, ce_den, l1, giou, correct, matched,
+    card_abs."""
     no_object = logits.shape[-1] - 1
     matched = match >= 0
     target_class = jnp.where(matched, _gather_queries(targets["labels"], match), no_object)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, target_class[..., None], axis=-1)[..., 0]
     weight = jnp.where(target_class == no_object, eos_coef, 1.0).astype(jnp.float32)
-    weight = jnp.where(targets["sample_valid"][:, None], weight, 0.0)
+    weight = jnp.where(targets["sample_valid"][:, None] & (match != NO_LOSS), weight, 0.0)
 
     predicted = jnp.argmax(logits, axis=-1)
     num_objects = jnp.sum(predicted != no_object, axis=-1)
@@ -236,12 +238,14 @@ def set_criterion(outputs: Dict, targets: Dict[str, Array], config: LossConfig =
 
 
 def assigned_criterion(outputs: Dict, targets: Dict[str, Array], assignment: Array, config: LossConfig = LossConfig(),
-                       axis_name: Optional[str] = None) -> Dict[str, Array]:
-    """The detection losses of queries whose targets are given, not matched (query denoising).
+                       axis_name: Optional[str] = None, eos_coef: float = 0.0) -> Dict[str, Array]:
+    """The detection losses of queries whose targets are given, not matched (query denoising, the
+    encoder supervision).
 
-    `assignment` int `[B, Q]`: the target slot of each query, or -1 for a query without a loss.
-    Returns `loss_ce` (mean over assigned queries of -log p(target class); unassigned queries get
-    no "no object" term), `loss_bbox` and `loss_giou` (sums over assigned queries divided by their
+    `assignment` int `[B, Q]`: the target slot of each query, -1 for "no object", or `NO_LOSS`.
+    Returns `loss_ce` (the weighted mean over the queries of -log p(target class), weight 1 for an
+    assigned query and `eos_coef` for a "no object" one: the default 0 gives those no term),
+    `loss_bbox` and `loss_giou` (sums over assigned queries divided by their
     number), the same per aux output (`<name>_<i>` when `config.aux_loss`), and `loss`, their
     weighted total (`weighted_total`).  Rows whose `sample_valid` (when present) is False
     contribute nothing.  `axis_name`: normalizers over the data-parallel axis, as `set_criterion`.
@@ -253,7 +257,7 @@ def assigned_criterion(outputs: Dict, targets: Dict[str, Array], assignment: Arr
         layers = list(outputs.get("aux_outputs", ())) + layers
     logits = jnp.stack([layer["pred_logits"] for layer in layers])    # [L, B, Q, C+1]
     boxes = jnp.stack([layer["pred_boxes"] for layer in layers])      # [L, B, Q, 4]
-    sums = jax.vmap(_detection_sums, in_axes=(0, 0, None, None, None))(logits, boxes, assignment, targets, 0.0)
+    sums = jax.vmap(_detection_sums, in_axes=(0, 0, None, None, None))(logits, boxes, assignment, targets, eos_coef)
 
     def total(x):
         return x if axis_name is None else jax.lax.psum(x, axis_name)

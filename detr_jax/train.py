@@ -35,10 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from detr_jax import checkpoint, optim, runtime, training_queries, xla_cpu
+from detr_jax import checkpoint, encoder_supervision, optim, runtime, training_queries, xla_cpu
 from detr_jax.config import Config, LossConfig, ModelConfig, to_json
 from detr_jax.data.loader import Loader
 from detr_jax.data.transforms import TrainTransform
+from detr_jax.encoder_supervision import EncoderSupervision
 from detr_jax.losses import set_criterion, with_sample_valid
 from detr_jax.models.detr import DETR, abstract_variables, init_variables
 from detr_jax.train_state import Checkpoints, TrainState, create_train_state, load_pretrained
@@ -47,6 +48,7 @@ from detr_jax.training_queries import TRAINING_ONLY, TrainingQueries, model_para
 log = logging.getLogger(__name__)
 AXIS = "batch"              # the pmap axis: gradients and metrics are averaged over it
 NOISE_STREAM = 1            # fold_in of the step's key that draws the denoising noise
+ENCODER_STREAM = 2          # fold_in of the init key that draws the encoder head (the queries' use NOISE_STREAM)
 MODEL_INPUTS = ("pixel_values", "pixel_mask")
 TARGETS = ("labels", "boxes", "valid", "sample_valid")
 EvalFn = Callable[[Dict[str, Any], int], Optional[Dict[str, float]]]
@@ -70,7 +72,8 @@ def stage_configs(config: Config, policy: runtime.PolicyLike = "auto") -> tuple[
 
 def make_train_step(model: DETR, loss_config: LossConfig, optimizer: optax.GradientTransformation,
                     lr_schedule: optax.Schedule, trainable: Dict[str, Any], *, padding_invariant: bool = True,
-                    axis_name: Optional[str] = AXIS, queries: Optional[TrainingQueries] = None) -> Callable:
+                    axis_name: Optional[str] = AXIS, queries: Optional[TrainingQueries] = None,
+                    encoder: Optional[EncoderSupervision] = None) -> Callable:
     """`train_step(state, batch, rng) -> (state, metrics)`, pure; `axis_name=None` outside pmap.
 
     batch: pixel_values [B, H, W, 3], pixel_mask [B, H, W], labels [B, M], boxes [B, M, 4],
@@ -88,6 +91,10 @@ def make_train_step(model: DETR, loss_config: LossConfig, optimizer: optax.Gradi
     the training queries (`DETR.detect_with_extra_queries`, noise drawn from the step's key), the
     mask losses run on the matched queries of the model's own group, and the losses are
     `training_criterion`'s (metrics add `loss_groups`, `loss_dn` and the `_dn` terms).
+
+    encoder: the encoder's dense supervision (`encoder_supervision.build`; None: off).  Then
+    `params["training_only"]` holds its head, and the loss adds `encoder.weight` times its
+    `loss_enc` (metrics add the `_enc` terms).
     """
 
     def train_step(state: TrainState, batch: Dict[str, jnp.ndarray], rng: jnp.ndarray):
@@ -101,21 +108,34 @@ def make_train_step(model: DETR, loss_config: LossConfig, optimizer: optax.Gradi
 
         def accelerated_loss_fn(params):
             variables = {"params": model_params(params), "buffers": state.buffers}
-            extra, assignment = queries.apply({"params": params[TRAINING_ONLY]}, targets,
-                                              jax.random.fold_in(rng, NOISE_STREAM))
-            outputs, features = model.apply(variables, batch["pixel_values"], batch["pixel_mask"], extra, train=True,
-                                            padding_invariant=padding_invariant, rngs={"dropout": rng},
-                                            method=DETR.detect_with_extra_queries)
+            inputs = (batch["pixel_values"], batch["pixel_mask"])
+            if queries is not None:
+                extra, assignment = queries.apply({"params": params[TRAINING_ONLY]}, targets,
+                                                  jax.random.fold_in(rng, NOISE_STREAM))
+                inputs, method = inputs + (extra,), DETR.detect_with_extra_queries
+            else:
+                method = DETR.detect
+            (outputs, features), sown = model.apply(variables, *inputs, train=True,
+                                                    padding_invariant=padding_invariant, rngs={"dropout": rng},
+                                                    method=method, mutable=["intermediates"])
             mask_fn = None
             if loss_config.masks:
                 mask_fn = lambda indices: model.apply(variables, features, indices,  # noqa: E731
                                                       method=DETR.masks_of_queries)
-            terms = training_criterion(outputs, targets, assignment, queries, loss_config, axis_name=axis_name,
-                                       mask_fn=mask_fn)
+            if queries is not None:
+                terms = training_criterion(outputs, targets, assignment, queries, loss_config, axis_name=axis_name,
+                                           mask_fn=mask_fn)
+            else:
+                terms = set_criterion(outputs, targets, loss_config, axis_name=axis_name, mask_fn=mask_fn)
+            if encoder is not None:
+                memory = sown["intermediates"]["memory"][0]
+                encoder_terms = encoder.criterion(params[TRAINING_ONLY], memory, batch["pixel_mask"], targets,
+                                                  loss_config, axis_name=axis_name)
+                terms = dict(terms, **encoder_terms, loss=terms["loss"] + encoder.weight * encoder_terms["loss_enc"])
             return terms["loss"], terms
 
         def loss_fn(params):
-            if queries is not None:
+            if queries is not None or encoder is not None:
                 return accelerated_loss_fn(params)
             variables = {"params": params, "buffers": state.buffers}
             inputs = (batch["pixel_values"], batch["pixel_mask"])
@@ -320,11 +340,12 @@ def scale_mask_attention_kernel(params: Dict[str, Any], model_config: ModelConfi
 
 
 def initial_state(config: Config, model_config: ModelConfig, optimizer, init_from, rng,
-                  queries: Optional[TrainingQueries] = None) -> TrainState:
+                  queries: Optional[TrainingQueries] = None,
+                  encoder: Optional[EncoderSupervision] = None) -> TrainState:
     """Step 0: the model's variables (random, or merged from `init_from`: a fresh mask head's
     attention-map kernel scaled by `mask_attention_gain`, one loaded from `init_from` kept as it
-    is) and, with `queries`, the training-only parameters in `params["training_only"]` (from a
-    key of their own)."""
+    is) and, with `queries` and / or `encoder`, the training-only parameters in
+    `params["training_only"]` (from keys of their own)."""
     variables = jax.tree.map(np.asarray, init_variables(dataclasses.replace(model_config, dtype="float32"), rng))
     variables = dict(variables, params=scale_mask_attention_kernel(variables["params"], model_config,
                                                                    config.train.mask_attention_gain))
@@ -332,10 +353,23 @@ def initial_state(config: Config, model_config: ModelConfig, optimizer, init_fro
         variables = load_pretrained(init_from, variables, model_config)
     elif config.train.stage == "masks":
         log.warning("stage 'masks' without init_from: the detector is random; give the stage-1 checkpoint")
-    if queries is not None:
-        extra = queries.init_params(jax.random.fold_in(rng, NOISE_STREAM))
+    extra = training_only_params(queries, encoder, rng)
+    if extra is not None:
         variables = dict(variables, params={**variables["params"], TRAINING_ONLY: jax.tree.map(np.asarray, extra)})
     return create_train_state(variables, optimizer)
+
+
+def training_only_params(queries: Optional[TrainingQueries], encoder: Optional[EncoderSupervision], rng,
+                         abstract: bool = False) -> Optional[Dict[str, Any]]:
+    """params["training_only"] of the accelerators (None when all are off): the queries' and the
+    encoder head's (`encoder_supervision.ENCODER_HEAD`), each drawn from a key of its own;
+    `abstract`: as `jax.ShapeDtypeStruct` leaves."""
+    parts: Dict[str, Any] = {}
+    if queries is not None:
+        parts.update(queries.abstract_params() if abstract else queries.init_params(jax.random.fold_in(rng, NOISE_STREAM)))
+    if encoder is not None:
+        parts.update(encoder.abstract_params() if abstract else encoder.init_params(jax.random.fold_in(rng, ENCODER_STREAM)))
+    return parts or None
 
 
 def exported_variables(state: TrainState) -> Dict[str, Any]:
@@ -365,16 +399,18 @@ def train(config: Config, workdir, train_data, *, resume: bool = True, max_steps
     total = max_steps or tc.max_steps or tc.epochs * loader.steps_per_epoch
     init_rng, step_rng = run_keys(tc.seed)
     queries = training_queries.build(tc, model_config)
+    encoder = encoder_supervision.build(tc, model_config)
     abstract_params = abstract_variables(model_config)["params"]
-    if queries is not None:
-        abstract_params = {**abstract_params, TRAINING_ONLY: queries.abstract_params()}
+    abstract_extra = training_only_params(queries, encoder, None, abstract=True)
+    if abstract_extra is not None:
+        abstract_params = {**abstract_params, TRAINING_ONLY: abstract_extra}
     optimizer = optim.make_optimizer(abstract_params, tc, loader.steps_per_epoch)
     checkpoints = Checkpoints(workdir, tc.keep_checkpoints)
     latest = checkpoints.latest_step()
     if latest is not None and not resume:
         raise FileExistsError(f"{checkpoints.directory} holds checkpoints (latest step {latest}): resume, or "
                               f"use another workdir")
-    state = initial_state(config, model_config, optimizer, None if latest else init_from, init_rng, queries)
+    state = initial_state(config, model_config, optimizer, None if latest else init_from, init_rng, queries, encoder)
     if latest is not None:
         state = checkpoints.restore_latest(state)   # past damaged ones, never from scratch
         log.warning("resumed from %s/%d", checkpoints.directory, int(state.step))
@@ -388,7 +424,7 @@ def train(config: Config, workdir, train_data, *, resume: bool = True, max_steps
     step_fn = make_train_step(DETR(model_config), loss_config, optimizer,
                               optim.lr_schedule(tc.lr, tc, loader.steps_per_epoch),
                               optim.trainable_mask(state.params, tc), padding_invariant=tc.padding_invariant,
-                              queries=queries)
+                              queries=queries, encoder=encoder)
     p_train_step = make_parallel_train_step(step_fn)
     keys = MODEL_INPUTS + TARGETS + (("masks",) if loss_config.masks else ())
     device_state, device_rng = replicate_on_devices(state), replicate(step_rng)
@@ -498,15 +534,17 @@ def build_eval_fn(config: Config, eval_split: str = "val2017", max_images: Optio
 
 def run(config_name: str, workdir, *, num_classes=None, batch_size=None, max_steps=None, stage=None,
         mixed_precision: Optional[bool] = None, query_groups: Optional[int] = None,
-        denoising_groups: Optional[int] = None, init_from=None, resume=True, coordinator_address=None,
+        denoising_groups: Optional[int] = None, encoder_supervision: Optional[float] = None, init_from=None,
+        resume=True, coordinator_address=None,
         num_processes=None, process_id=None,
         eval_every: Optional[int] = None, eval_max_images: Optional[int] = None, eval_split: str = "val2017",
         progress: bool = True, **data_args) -> Dict[str, Any]:
     """`detr-jax train`: load the config, apply the overrides, join the hosts, build the data, train.
 
     num_classes: an int, or "auto" for the dataset's (fine-tuning on another label set).
-    query_groups, denoising_groups: the training-only accelerators (`TrainConfig.query_groups`,
-    `DenoisingConfig.groups`; None: the config's).
+    query_groups, denoising_groups, encoder_supervision: the training-only accelerators
+    (`TrainConfig.query_groups`, `DenoisingConfig.groups`, `TrainConfig.encoder_supervision`; None:
+    the config's).
     eval_every: evaluate (box AP, segm AP, PQ) every N steps and at the end on `eval_split`, the
     first `eval_max_images` images, on process 0 (`build_eval_fn`).  progress: the progress bar.
     data_args: `build_dataset`'s (data, split, images, annotations, panoptic_dir, tfds, tfds_data_dir).
@@ -519,6 +557,8 @@ def run(config_name: str, workdir, *, num_classes=None, batch_size=None, max_ste
                                    ("mixed_precision", mixed_precision)) if v is not None}
     if query_groups is not None:
         overrides["query_groups"] = query_groups
+    if encoder_supervision is not None:
+        overrides["encoder_supervision"] = encoder_supervision
     if denoising_groups is not None:
         overrides["denoising"] = dataclasses.replace(config.train.denoising, groups=denoising_groups)
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, **overrides))
