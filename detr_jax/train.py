@@ -5,7 +5,8 @@
     from detr_jax.train import train
     result = train(load_config("detr_tiny"), "runs/tiny", CocoPanoptic(root, "train2017"))
 
-Parallelism: one `jax.pmap` over the local devices (built in `make_parallel_train_step` only);
+Parallelism: one `jax.pmap` over the local devices (built in `make_parallel_train_step` only; on a
+single device of a single process, the same step as `jit` of a `vmap` over the device axis);
 with several hosts (`initialize_distributed`) the same pmap spans every device, each host reads
 its own shard of the data (`Loader(shard_index=process_index, num_shards=process_count)`) and
 splits its batch over its devices.  `TrainConfig.batch_size` is the global batch.
@@ -176,9 +177,21 @@ def make_parallel_train_step(train_step: Callable) -> Callable:
     Arguments and results carry a leading axis of the local device count: the state and rng
     replicated (`replicate`), the batch split (`shard_batch`).  On the CPU the step is compiled
     with `detr_jax.xla_cpu.TRAIN_STEP`'s options, once per batch signature.
+
+    On a single device of a single process the same step runs as `jit` of a `vmap` over `AXIS`
+    (the same leading axis, of size 1, and the same collectives): a jitted function's dispatch is
+    much cheaper than calling a compiled pmap program (the demo's detector step: 0.108 s jitted,
+    0.132 s through the pmap program, 2026-12-05).
     """
+    if single_device():
+        return xla_cpu.jit(jax.vmap(train_step, axis_name=AXIS), xla_cpu.TRAIN_STEP, donate_argnums=(0,))
     return xla_cpu.compiled_per_signature(jax.pmap(train_step, axis_name=AXIS, donate_argnums=(0,)),
                                           xla_cpu.TRAIN_STEP)
+
+
+def single_device() -> bool:
+    """One process with one local device: the train step is jitted, not pmapped."""
+    return jax.process_count() == 1 and jax.local_device_count() == 1
 
 
 def replicate(tree: Any) -> Any:
@@ -192,7 +205,10 @@ def replicate_on_devices(tree: Any) -> Any:
 
     The step's compiled executable is cached by its arguments' shardings too: host arrays on the
     first call and the step's own outputs (sharded over a mesh axis named `AXIS`) on the next ones
-    would compile the whole step twice."""
+    would compile the whole step twice.  On a single device (`single_device`), the jitted
+    step's: arrays on the default device."""
+    if single_device():
+        return jax.device_put(replicate(tree))
     return jax.pmap(lambda x: x, axis_name=AXIS)(replicate(tree))
 
 
