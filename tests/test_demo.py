@@ -56,11 +56,13 @@ def test_the_long_schedule_trains_both_stages_longer_and_a_wrong_name_is_refused
 
     assert schedules() == ["default", "long"]
     default, long = ({name: c.train for name, c in demo_stages(schedule=s)} for s in ("default", "long"))
-    assert (long["detection"].max_steps, long["masks"].max_steps) == (6000, 2000)
+    assert (long["detection"].max_steps, long["masks"].max_steps) == (6400, 800)
     assert long["detection"].max_steps > default["detection"].max_steps
     assert long["masks"].max_steps > default["masks"].max_steps
+    assert long["detection"].lr_decay == default["detection"].lr_decay == "cosine"   # to 0 at the last step
+    assert long["masks"].lr_drop_step < long["masks"].max_steps
     for name in ("detection", "masks"):   # only the steps and the lr drop change
-        assert long[name].lr_drop_step < long[name].max_steps and long[name].lr == default[name].lr
+        assert long[name].lr == default[name].lr and long[name].batch_size == default[name].batch_size
         assert long[name].stage == default[name].stage == name
     with pytest.raises(ValueError, match="unknown demo schedule 'longer'; known: \\['default', 'long'\\]"):
         run_demo(tmp_path, schedule="longer")

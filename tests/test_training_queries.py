@@ -14,7 +14,7 @@ import pytest
 from flax import traverse_util
 
 import detr_jax
-from detr_jax import checkpoint, training_queries
+from detr_jax import checkpoint, encoder_supervision, training_queries
 from detr_jax.config import DenoisingConfig, LossConfig, TrainConfig, known_configs, load_config
 from detr_jax.losses import set_criterion
 from detr_jax.matcher import hungarian_match
@@ -241,17 +241,18 @@ def test_each_query_group_gets_its_own_one_to_one_matching(tiny):
 # ------------------------------------------------------------------------------------------------
 # Configs and training
 # ------------------------------------------------------------------------------------------------
-def test_the_accelerators_are_off_by_default_and_in_every_paper_recipe_and_the_demo_detector_uses_groups():
+def test_the_accelerators_are_off_by_default_and_in_every_paper_recipe_and_the_demo_uses_the_encoder_loss():
     from detr_jax.demo import demo_stages
 
     model = load_config("detr_tiny").model
-    assert training_queries.build(TrainConfig(), model) is None
+    assert training_queries.build(TrainConfig(), model) is None and encoder_supervision.build(TrainConfig(), model) is None
     for name in set(known_configs()) - {"demo"}:
         train = load_config(name).train
-        assert train.query_groups == 1 and train.denoising.groups == 0, name
+        assert train.query_groups == 1 and train.denoising.groups == 0 and train.encoder_supervision == 0, name
     stages = {name: config.train for name, config in demo_stages()}   # the demo: what its measurements chose
-    assert (stages["detection"].query_groups, stages["detection"].denoising.groups) == (4, 0)
-    assert (stages["masks"].query_groups, stages["masks"].denoising.groups) == (1, 0)
+    assert (stages["detection"].query_groups, stages["detection"].denoising.groups) == (1, 0)
+    assert stages["detection"].encoder_supervision == 1.0
+    assert (stages["masks"].query_groups, stages["masks"].denoising.groups, stages["masks"].encoder_supervision) == (1, 0, 0)
     assert training_queries.build(TrainConfig(query_groups=2, stage="masks"), model) is None
     with pytest.raises(ValueError, match="query_groups"):
         training_queries.build(TrainConfig(query_groups=0), model)
@@ -270,22 +271,24 @@ def accelerated_run(tmp_path_factory):
         cfg, model=dataclasses.replace(cfg.model, dropout=0.0),
         data=dataclasses.replace(cfg.data, train_scales=(64,), train_max_size=64, crop_prob=0.0, hflip_prob=0.0),
         train=TrainConfig(batch_size=2, max_steps=2, log_every=1, save_every=2, num_workers=0, stage="detection",
-                          query_groups=2, denoising=DenoisingConfig(groups=2)))
+                          query_groups=2, denoising=DenoisingConfig(groups=2), encoder_supervision=1.0))
     workdir = tmp_path_factory.mktemp("accelerated")
     result = train(config, workdir, CocoPanoptic(root, "train2017"), progress=False)
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return dict(result=result, workdir=workdir, rows=rows)
 
 
-def test_a_train_step_with_both_accelerators_runs_with_finite_losses(accelerated_run):
+def test_a_train_step_with_every_accelerator_runs_with_finite_losses(accelerated_run):
     rows = accelerated_run["rows"]
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
-        for name in ("loss", "loss_ce", "loss_groups", "loss_dn", "loss_bbox_dn", "loss_giou_dn", "loss_ce_dn"):
+        for name in ("loss", "loss_ce", "loss_groups", "loss_dn", "loss_bbox_dn", "loss_giou_dn", "loss_ce_dn",
+                     "loss_enc", "loss_ce_enc", "loss_bbox_enc", "loss_giou_enc"):
             assert np.isfinite(row[name]) and row[name] > 0, name
     params = flat(accelerated_run["result"]["state"].params)
     assert any(k.startswith(f"{TRAINING_ONLY}/group_query_embed") for k in params)
     assert any(k.startswith(f"{TRAINING_ONLY}/box_embed/") for k in params)
+    assert any(k.startswith(f"{TRAINING_ONLY}/encoder_head/bbox_embed/") for k in params)
 
 
 def test_training_with_accelerators_exports_plain_detr(accelerated_run):
@@ -322,10 +325,10 @@ def get_config():
 
 
 def test_fine_tuning_on_a_users_coco_set_with_the_accelerators_on(accelerated_run, tmp_path):
-    """`detr-jax train --init-from MODEL --num-classes auto --query-groups 2 --denoising-groups 2` on a
-    user's COCO-format detection set (the awkward set: every image kind, a truncated and a missing
-    file): the class head is re-fitted to the set's labels, everything else starts from MODEL, and
-    the result is plain DETR with the set's classes."""
+    """`detr-jax train --init-from MODEL --num-classes auto --query-groups 2 --denoising-groups 2
+    --encoder-supervision 1` on a user's COCO-format detection set (the awkward set: every image
+    kind, a truncated and a missing file): the class head is re-fitted to the set's labels,
+    everything else starts from MODEL, and the result is plain DETR with the set's classes."""
     from awkward_set import write_awkward_set
     from detr_jax import train as train_module
 
@@ -335,10 +338,11 @@ def test_fine_tuning_on_a_users_coco_set_with_the_accelerators_on(accelerated_ru
     source = accelerated_run["workdir"] / "model"
     result = train_module.run(str(config_file), tmp_path / "run", images=str(user_set["images"]),
                               annotations=str(user_set["instances"]), init_from=str(source), num_classes="auto",
-                              query_groups=2, denoising_groups=2, progress=False)
+                              query_groups=2, denoising_groups=2, encoder_supervision=1.0, progress=False)
 
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert result["steps"] == 2 and all(np.isfinite(r["loss_groups"]) and np.isfinite(r["loss_dn"]) for r in rows)
+    assert result["steps"] == 2 and all(np.isfinite(r["loss_groups"]) and np.isfinite(r["loss_dn"])
+                                        and np.isfinite(r["loss_enc"]) for r in rows)
     config = checkpoint.read_config(tmp_path / "run" / "model")
     assert config.num_classes == 2                                    # category ids {1}: classes 0..1
     exported = flat(checkpoint.load_variables(tmp_path / "run" / "model", config))

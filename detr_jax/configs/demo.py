@@ -1,24 +1,27 @@
 """The embedded default: a small panoptic DETR trained from scratch on the synthetic dataset
 (`detr_jax.data.synthetic`: circles, squares, triangles over sky / grass / wall) on a 2-core CPU
-(README.md gives the time and results).  Used by `detr-jax demo`, in the paper's two stages: `get_config()` is
-stage 1, the detector trained on the panoptic boxes (no mask head); `MASK_STAGE` overrides its
-train config for stage 2, the mask head alone on the frozen detector.
+(README.md gives the time and results).  Used by `detr-jax demo`, in the paper's two stages:
+`get_config()` is stage 1, the detector trained on the panoptic boxes (no mask head);
+`MASK_STAGE` overrides its train config for stage 2, the mask head alone on the frozen detector.
 
 Choices for fast convergence from scratch (the released recipe fine-tunes a pretrained ResNet
-for 300 epochs): a plain ConvNet backbone (32-64-128-128 channels, 8x8 tokens at 128 px; the
-width-8 ResNet it replaced reached box AP 10.7 after 2000 detector steps, this one 24.1, at ~1.6x
-the time per step), nothing frozen, pre-norm, 16 queries,
-lr 5e-4 everywhere with warm-up, the class loss and the class matching cost doubled, and AdamW's
-epsilon at 1e-12: clipping at 0.1 scales gradients down ~200x, which sinks the tiny gradients of
-`bbox_attention` (attention maps of ~1e-3) below the default 1e-8; and `mask_attention_gain`
-= 8 heads x 8 x 8 tokens, so that those attention maps weigh in the fresh mask head's first
-convolution as much as its other inputs and the masks become query-specific in the first steps.
-The detector trains with 4 parallel query groups (`TrainConfig.query_groups`, training only: the
-exported model is a plain DETR with one group of 16 queries).  Side by side on the demo's data
-(`bench/demo_convergence.py`, BENCHMARKS.md "The demo's convergence"), after the 1500 detector and
-400 mask steps, mean of seeds 0 and 1: box AP 22.2 and PQ 50.3 with the groups, 14.9 and 39.7
-without, at about the same training time per step.  Query denoising (5 groups) gave 18.5 and 46.5,
-and cost more time per step; both together (seed 0 only) 21.2 and 51.7.
+for 300 epochs): a plain ConvNet backbone (16-32-64-128 channels, 8x8 tokens at 128 px), nothing
+frozen, pre-norm, 16 queries, batches of 8, lr 1e-3 everywhere with warm-up and cosine decay, the
+class loss and the class matching cost doubled, and AdamW's epsilon at 1e-12: clipping at 0.1
+scales gradients down ~200x, which sinks the tiny gradients of `bbox_attention` (attention maps
+of ~1e-3) below the default 1e-8; and `mask_attention_gain` = 8 heads x 8 x 8 tokens, so that
+those attention maps weigh in the fresh mask head's first convolution as much as its other inputs
+and the masks become query-specific in the first steps.
+
+The detector trains with the encoder's dense supervision (`TrainConfig.encoder_supervision`,
+training only: the exported model is a plain DETR).  What the detector-only runs of 2026-12-05
+measured (`bench/demo_convergence.py --stages detection`, seed 0, one run at a time; BENCHMARKS.md
+"The demo's detector in minutes"): the encoder loss doubled box AP after 900 steps (11.3 against
+5.4); the 16-32-64-128 backbone costs a third of the 32-64-128-128 one's FLOPs; batches of 8
+learn more per second than 16 (27.7 against 16.7 at 16000 images) or 4; and 4 query groups cost
+44 % of this model's step (0.164 s against 0.092), more than they bring per second: without them
+the detector reached 44.9 after 4500 steps (658 s of training), where with them it reached 36.6
+after 3000 (580 s).
 """
 from detr_jax.config import Config, DataConfig, LossConfig, ModelConfig, TrainConfig
 
@@ -26,30 +29,31 @@ from detr_jax.config import Config, DataConfig, LossConfig, ModelConfig, TrainCo
 def get_config() -> Config:
     return Config(
         name="demo",
-        model=ModelConfig(backbone="convnet_small", dilation=False, num_classes=7, masks=True, hidden_dim=128,
+        model=ModelConfig(backbone="convnet_tiny", dilation=False, num_classes=7, masks=True, hidden_dim=128,
                           num_heads=8, dim_feedforward=512, enc_layers=3, dec_layers=3, num_queries=16,
                           dropout=0.0, pre_norm=True),
         loss=LossConfig(masks=True, ce_weight=2.0, cost_class=2.0),
         data=DataConfig(short_side=128, max_size=128, train_scales=(128,), train_max_size=128, crop_prob=0.0,
                         max_boxes=8, bucket_multiple=32),
-        train=TrainConfig(batch_size=16, max_steps=1500, lr=5e-4, lr_backbone=5e-4, frozen=(), warmup_steps=100,
-                          adam_eps=1e-12, lr_drop_step=1300, log_every=25, save_every=250, keep_checkpoints=2,
-                          num_workers=2, stage="detection", mask_attention_gain=512.0, query_groups=4),
+        train=TrainConfig(batch_size=8, max_steps=3000, lr=1e-3, lr_backbone=1e-3, frozen=(), warmup_steps=100,
+                          lr_decay="cosine", adam_eps=1e-12, log_every=25, save_every=500, keep_checkpoints=2,
+                          num_workers=2, stage="detection", mask_attention_gain=512.0, encoder_supervision=1.0),
     )
 
 
-# Stage 2: only bbox_attention and the mask head train (TrainConfig.mask_trainable), mask losses on.
-# The query groups train the detector: the "masks" stage builds none whatever its config says
-# (`training_queries.build`, which warns when it is asked to), so this one says 1.
+# Stage 2: only bbox_attention and the mask head train (TrainConfig.mask_trainable), mask losses on,
+# in batches of 16 at lr 5e-4 with a step drop.  The encoder loss trains the detector: the "masks"
+# stage builds none whatever its config says (`encoder_supervision.build` warns when asked to),
+# so this one says 0.
 # With `mask_attention_gain` (above) the masks are query-specific within ~50 steps: on one detector
 # (box AP 21.2), PQ 37.9 / 46.7 / 49.4 / 51.6 after 100 / 200 / 300 / 400 mask steps, where the
 # original's init idled (dice flat at 0.81) and gave 0.4 / 2.1 / 4.8 / 20.8 (BENCHMARKS.md).
-MASK_STAGE = dict(stage="masks", max_steps=400, warmup_steps=0, lr_drop_step=350, query_groups=1)
+MASK_STAGE = dict(stage="masks", max_steps=400, batch_size=16, lr=5e-4, lr_backbone=5e-4, warmup_steps=0,
+                  lr_decay="step", lr_drop_step=350, encoder_supervision=0.0)
 
 # `detr-jax demo --schedule NAME`: train steps and lr drops of each stage.  "default" is the config
-# above; "long" trains the detector 4x longer and the masks 5x (about an hour): one run, before the
-# mask-attention gain, reached box AP 53.3 and PQ 53.4 (README has the figures and times).
+# above; "long" trains the detector about 2x longer and the masks 2x (README has its figures and times).
 SCHEDULES = {
     "default": {},
-    "long": dict(detection=dict(max_steps=6000, lr_drop_step=5400), masks=dict(max_steps=2000, lr_drop_step=1700)),
+    "long": dict(detection=dict(max_steps=6400), masks=dict(max_steps=800, lr_drop_step=700)),
 }
