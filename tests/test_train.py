@@ -322,11 +322,11 @@ def test_cli_train_parses_into_the_library_call(monkeypatch):
     assert cli.main(["train", "--config", "detr_tiny", "--images", "imgs", "--annotations", "a.json",
                      "--panoptic-dir", "png", "--workdir", "wd", "--no-resume", "--max-steps", "5",
                      "--batch-size", "4", "--stage", "masks", "--init-from", "ckpt", "--num-classes", "auto",
-                     "--query-groups", "3", "--denoising-groups", "5"]) == 0
+                     "--query-groups", "3", "--denoising-groups", "5", "--encoder-supervision", "0.5"]) == 0
     (args, kwargs), = calls
     assert args == ("detr_tiny", "wd")
     assert kwargs == dict(num_classes="auto", batch_size=4, max_steps=5, stage="masks", init_from="ckpt",
-                          mixed_precision=None, query_groups=3, denoising_groups=5,
+                          mixed_precision=None, query_groups=3, denoising_groups=5, encoder_supervision=0.5,
                           resume=False, coordinator_address=None, num_processes=None, process_id=None, data=None,
                           split="train2017", images="imgs", annotations="a.json", panoptic_dir="png", progress=True)
     assert cli.main(["train", "--config", "detr_tiny", "--data", "coco", "--workdir", "wd", "--no-progress"]) == 0
