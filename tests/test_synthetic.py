@@ -1,5 +1,7 @@
 """The synthetic dataset is valid COCO and its three views (instances, PNG, boxes) agree."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -110,16 +112,32 @@ def test_deterministic_by_seed(root, tmp_path):
     assert (again / png).read_bytes() == (root / png).read_bytes()
 
 
-def test_worker_processes_write_the_same_files_as_one_process(tmp_path, monkeypatch):
+def test_worker_processes_write_the_same_files_as_one_process(tmp_path):
     params = dict(PARAMS, num_train=7)
     alone = synthetic.generate(tmp_path / "alone", workers=1, **params)
-    monkeypatch.setattr(synthetic, "PARALLEL_MIN_IMAGES", 4)
-    monkeypatch.setattr(synthetic, "SAMPLES_PER_TASK", 2)
-    shared = synthetic.generate(tmp_path / "shared", workers=2, **params)
+    # a fresh interpreter, where JAX has not started: the workers are forked
+    script = ("import sys; from detr_jax.data import synthetic as s; s.PARALLEL_MIN_IMAGES = 4; s.SAMPLES_PER_TASK = 2; "
+              f"assert s.can_fork(); s.generate(sys.argv[1], workers=2, **{params!r})")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "shared")], check=True)
+    shared = tmp_path / "shared"
     files = sorted(p.relative_to(alone) for p in alone.rglob("*") if p.is_file())
-    assert len(files) == 2 * (7 + 2) + 5 and files == sorted(p.relative_to(shared) for p in shared.rglob("*") if p.is_file())
+    assert len(files) == 2 * (7 + 2) + 5
+    assert files == sorted(p.relative_to(shared) for p in shared.rglob("*") if p.is_file())
     for name in files:
         assert (alone / name).read_bytes() == (shared / name).read_bytes(), name
+
+
+def test_a_process_running_jax_renders_alone_rather_than_fork_its_threads(tmp_path, monkeypatch):
+    import concurrent.futures
+
+    import jax
+
+    jax.devices()      # JAX's backends started in this process
+    assert not synthetic.can_fork()
+    monkeypatch.setattr(synthetic, "PARALLEL_MIN_IMAGES", 4)
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", None)   # any pool would fail
+    synthetic.generate(tmp_path, workers=2, **dict(PARAMS, num_train=7))
+    assert len(json.loads((tmp_path / "annotations/instances_train2017.json").read_text())["images"]) == 7
 
 
 def test_ensure_synthetic_generates_only_when_parameters_change(tmp_path):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import sys
 import pathlib
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -228,6 +229,15 @@ PARALLEL_MIN_IMAGES = 512   # splits this large are rendered by several processe
 SAMPLES_PER_TASK = 100      # ... in tasks of this many images
 
 
+def can_fork() -> bool:
+    """Whether worker processes can be forked safely: the platform forks, and this process has not
+    started JAX's backends (whose threads a fork would copy mid-flight); else one process renders."""
+    import multiprocessing
+
+    bridge = sys.modules.get("jax._src.xla_bridge")
+    return "fork" in multiprocessing.get_all_start_methods() and not getattr(bridge, "_backends", None)
+
+
 def _write_split(root: pathlib.Path, split: str, num: int, sizes: List[Tuple[int, int]], seed: int,
                  max_objects: int, min_size: int, max_rotation: float, image_format: str,
                  workers: int = 1) -> None:
@@ -236,14 +246,13 @@ def _write_split(root: pathlib.Path, split: str, num: int, sizes: List[Tuple[int
     rest = (sizes, seed, max_objects, min_size, max_rotation, image_format)
     chunks = [range(start, min(start + SAMPLES_PER_TASK, num)) for start in range(0, num, SAMPLES_PER_TASK)]
     tasks = [(root, split, chunk, rest) for chunk in chunks]
-    if workers > 1 and num >= PARALLEL_MIN_IMAGES:
+    if workers > 1 and num >= PARALLEL_MIN_IMAGES and can_fork():
         import concurrent.futures
         import multiprocessing
 
-        # fork where there is one (a script calling this needs no `__main__` guard); the workers
-        # run numpy, PIL and pycocotools only
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+        # forked workers (a script calling this needs no `__main__` guard) run numpy, PIL and
+        # pycocotools only
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
             samples = [sample for part in pool.map(_write_samples, tasks) for sample in part]
     else:
         samples = [sample for task in tasks for sample in _write_samples(task)]
@@ -266,8 +275,8 @@ def generate(root: Union[str, pathlib.Path], num_train: int = 256, num_val: int 
 
     `image_size` is (height, width), or a list of them to draw one per image.  `image_format` is
     "jpg" or "png".  Files are overwritten; the manifest is written last.  `workers`: processes
-    that render a split of `PARALLEL_MIN_IMAGES` images or more (default: the CPU count); the files
-    are the same whatever their number.
+    that render a split of `PARALLEL_MIN_IMAGES` images or more (default: the CPU count; one where
+    `can_fork` is False); the files are the same whatever their number.
     """
     root = pathlib.Path(root)
     sizes = [tuple(image_size)] if np.ndim(image_size) == 1 else [tuple(s) for s in image_size]
