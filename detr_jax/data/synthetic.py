@@ -31,8 +31,8 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import sys
 import pathlib
+import sys
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
