@@ -24,6 +24,7 @@ lr, grad norm, images/s), TensorBoard events when `tensorboardX` is installed, `
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -107,49 +108,31 @@ def make_train_step(model: DETR, loss_config: LossConfig, optimizer: optax.Gradi
 
         matched_only = matched_masks_only(model.config, loss_config, targets["labels"].shape[-1])
 
-        def accelerated_loss_fn(params):
+        def loss_fn(params):
             variables = {"params": model_params(params), "buffers": state.buffers}
-            inputs = (batch["pixel_values"], batch["pixel_mask"])
+            inputs, method, assignment = (batch["pixel_values"], batch["pixel_mask"]), DETR.detect, None
             if queries is not None:
                 extra, assignment = queries.apply({"params": params[TRAINING_ONLY]}, targets,
                                                   jax.random.fold_in(rng, NOISE_STREAM))
                 inputs, method = inputs + (extra,), DETR.detect_with_extra_queries
-            else:
-                method = DETR.detect
-            (outputs, features), sown = model.apply(variables, *inputs, train=True,
-                                                    padding_invariant=padding_invariant, rngs={"dropout": rng},
-                                                    method=method, mutable=["intermediates"])
-            mask_fn = None
-            if loss_config.masks:
-                mask_fn = lambda indices: model.apply(variables, features, indices,  # noqa: E731
-                                                      method=DETR.masks_of_queries)
+            detect = functools.partial(model.apply, variables, *inputs, train=True, padding_invariant=padding_invariant,
+                                       rngs={"dropout": rng}, method=method)
+            (outputs, features), sown = detect(mutable=["intermediates"]) if encoder is not None else (detect(), None)
+            masks_of = lambda indices: model.apply(variables, features, indices,  # noqa: E731
+                                                   method=DETR.masks_of_queries)
+            mask_fn = masks_of if loss_config.masks and (matched_only or queries is not None) else None
+            if loss_config.masks and mask_fn is None:     # every query's mask, as the model computes them
+                every_query = jnp.broadcast_to(jnp.arange(model.config.num_queries), outputs["pred_logits"].shape[:2])
+                outputs = dict(outputs, pred_masks=masks_of(every_query))
             if queries is not None:
                 terms = training_criterion(outputs, targets, assignment, queries, loss_config, axis_name=axis_name,
                                            mask_fn=mask_fn)
             else:
                 terms = set_criterion(outputs, targets, loss_config, axis_name=axis_name, mask_fn=mask_fn)
             if encoder is not None:
-                memory = sown["intermediates"]["memory"][0]
-                encoder_terms = encoder.criterion(params[TRAINING_ONLY], memory, batch["pixel_mask"], targets,
-                                                  loss_config, axis_name=axis_name)
+                encoder_terms = encoder.criterion(params[TRAINING_ONLY], sown["intermediates"]["memory"][0],
+                                                  batch["pixel_mask"], targets, loss_config, axis_name=axis_name)
                 terms = dict(terms, **encoder_terms, loss=terms["loss"] + encoder.weight * encoder_terms["loss_enc"])
-            return terms["loss"], terms
-
-        def loss_fn(params):
-            if queries is not None or encoder is not None:
-                return accelerated_loss_fn(params)
-            variables = {"params": params, "buffers": state.buffers}
-            inputs = (batch["pixel_values"], batch["pixel_mask"])
-            mask_fn = None
-            if matched_only:
-                outputs, features = model.apply(variables, *inputs, train=True, padding_invariant=padding_invariant,
-                                                rngs={"dropout": rng}, method=DETR.detect)
-                mask_fn = lambda queries: model.apply(variables, features, queries,  # noqa: E731
-                                                      method=DETR.masks_of_queries)
-            else:
-                outputs = model.apply(variables, *inputs, train=True, padding_invariant=padding_invariant,
-                                      rngs={"dropout": rng})
-            terms = set_criterion(outputs, targets, loss_config, axis_name=axis_name, mask_fn=mask_fn)
             return terms["loss"], terms
 
         grads, terms = jax.grad(loss_fn, has_aux=True)(state.params)
