@@ -176,8 +176,9 @@ class TrainConfig:
     # maps, which sum to 1 over heads x h x w, so each is ~1 / (heads h w) where its fan-in init
     # expects ~1) starts multiplied by this, when the mask head starts fresh; 1: the original's init.
     # heads x h x w at the training size (`mask_attention_positions`) gives the maps the weight
-    # of unit inputs: the masks become query-specific from the first steps instead of idling
-    # (dice flat at 0.81) for hundreds.  A training-only choice: the model is unchanged.
+    # of unit inputs: the masks become query-specific in tens of steps instead of idling (dice
+    # flat at 0.81) for hundreds; a multiple of it, sooner still (the demo's: 16x).  A
+    # training-only choice: the model is unchanged.
     mask_attention_gain: float = 1.0
     mixed_precision: bool = False   # model compute in bfloat16; parameters and losses stay float32
     padding_invariant: bool = True  # the model mode (see models/detr.py); False: the original's

@@ -351,9 +351,10 @@ def test_a_fresh_mask_head_starts_with_its_attention_map_kernel_scaled_and_a_loa
     np.testing.assert_array_equal(scaled[kernel][:, :, -heads:], 4.0 * plain[kernel][:, :, -heads:])
     np.testing.assert_array_equal(scaled[kernel][:, :, :-heads], plain[kernel][:, :, :-heads])
     assert all(np.array_equal(scaled[k], v) for k, v in plain.items() if k != kernel)
-    # the demo's gain is heads x h x w of its 128-pixel images at stride 16
+    # the demo's gain is 16 x (heads x h x w of its 128-pixel images at stride 16), as measured
     demo = load_config("demo")
-    assert demo.train.mask_attention_gain == train_module.mask_attention_positions(demo.model, 128) == 8 * 8 * 8
+    assert train_module.mask_attention_positions(demo.model, 128) == 8 * 8 * 8
+    assert demo.train.mask_attention_gain == 16 * train_module.mask_attention_positions(demo.model, 128)
 
     checkpoint.save(tmp_path / "panoptic", model_config, {"params": plain_state.params, "buffers": plain_state.buffers})
     loaded = flat(initial(4.0, init_from=tmp_path / "panoptic").params)
