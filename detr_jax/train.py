@@ -118,12 +118,12 @@ def make_train_step(model: DETR, loss_config: LossConfig, optimizer: optax.Gradi
             detect = functools.partial(model.apply, variables, *inputs, train=True, padding_invariant=padding_invariant,
                                        rngs={"dropout": rng}, method=method)
             (outputs, features), sown = detect(mutable=["intermediates"]) if encoder is not None else (detect(), None)
-            masks_of = lambda indices: model.apply(variables, features, indices,  # noqa: E731
-                                                   method=DETR.masks_of_queries)
-            mask_fn = masks_of if loss_config.masks and (matched_only or queries is not None) else None
-            if loss_config.masks and mask_fn is None:     # every query's mask, as the model computes them
-                every_query = jnp.broadcast_to(jnp.arange(model.config.num_queries), outputs["pred_logits"].shape[:2])
-                outputs = dict(outputs, pred_masks=masks_of(every_query))
+            mask_fn = None
+            if loss_config.masks and (matched_only or queries is not None):
+                mask_fn = lambda indices: model.apply(variables, features, indices,  # noqa: E731
+                                                      method=DETR.masks_of_queries)
+            elif loss_config.masks:     # every query's mask, as the model computes them
+                outputs = dict(outputs, pred_masks=model.apply(variables, features, method=DETR.masks_of_all_queries))
             if queries is not None:
                 terms = training_criterion(outputs, targets, assignment, queries, loss_config, axis_name=axis_name,
                                            mask_fn=mask_fn)

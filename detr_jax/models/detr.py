@@ -143,7 +143,7 @@ class DETR(nn.Module):
         """The outputs of the module docstring: logits, boxes, every query's masks (panoptic), aux."""
         out, features = self.detect(pixel_values, pixel_mask, train=train, padding_invariant=padding_invariant)
         if self.config.masks:
-            out["pred_masks"] = self._masks(features, features.queries)
+            out["pred_masks"] = self.masks_of_all_queries(features)
         return out
 
     def detect(self, pixel_values: jnp.ndarray, pixel_mask: jnp.ndarray, *, train: bool = False,
@@ -207,6 +207,10 @@ class DETR(nn.Module):
         models), from `detect`'s features: the values `pred_masks` has at those queries."""
         queries = jnp.take_along_axis(features.queries, query_indices[..., None].astype(jnp.int32), axis=1)
         return self._masks(features, queries)
+
+    def masks_of_all_queries(self, features: MaskFeatures) -> jnp.ndarray:
+        """Mask logits float32 [B, Q, H/4, W/4] of every query of `detect`'s features: `pred_masks`."""
+        return self._masks(features, features.queries)
 
     def _masks(self, features: MaskFeatures, queries: jnp.ndarray) -> jnp.ndarray:
         """The mask head's per-query part on the decoder outputs `queries` [B, K, C]."""
