@@ -10,8 +10,9 @@ An `ExecutionPolicy` says how the programs are built; the model's arithmetic is 
 every policy (`tests/test_runtime.py`):
   "cpu": the encoder's attention in blocks of one head's queries (`ModelConfig.attention =
     "blocked"`), a batch one image after the other inside one program (`lax.map`: one image's
-    activations live), `detr_jax.xla_cpu`'s compiler options per program, and the C heap trimmed
-    after each compilation (`release_host_memory`).  Measured on 2-core CPUs (BENCHMARKS.md).
+    activations live), `detr_jax.xla_cpu`'s compiler options per program, the C heap trimmed
+    after each compilation (`release_host_memory`), and in the train loop a C heap that keeps the
+    pages it frees (`keep_host_heap`).  Measured on 2-core CPUs (BENCHMARKS.md).
   "accelerator" (GPU, TPU): dense attention over the whole batch and all heads, the whole batch
     vectorized in one program, XLA's defaults.
   "auto" picks by `jax.default_backend()`, so the accelerator policy can also run (and be tested)
@@ -56,12 +57,13 @@ class ExecutionPolicy:
     xla_cpu_options: bool       # `detr_jax.xla_cpu`'s compiler options per program
     trim_host_memory: bool      # `release_host_memory` after a call that compiled
     separate_mask_program: bool  # a panoptic model's per-query mask head is always a program of its own
+    keep_host_heap: bool        # the train loop calls `keep_host_heap` (its step's buffers live on the host)
 
 
 CPU = ExecutionPolicy("cpu", attention="blocked", image_by_image=True, xla_cpu_options=True, trim_host_memory=True,
-                      separate_mask_program=True)
+                      separate_mask_program=True, keep_host_heap=True)
 ACCELERATOR = ExecutionPolicy("accelerator", attention="dense", image_by_image=False, xla_cpu_options=False,
-                              trim_host_memory=False, separate_mask_program=False)
+                              trim_host_memory=False, separate_mask_program=False, keep_host_heap=False)
 POLICIES = {"cpu": CPU, "accelerator": ACCELERATOR}
 PolicyLike = Union[str, ExecutionPolicy]
 
@@ -123,7 +125,8 @@ def fill_skipped_masks(masks: jnp.ndarray, indices: jnp.ndarray, num_queries: in
 # Host memory and the per-image loop (the CPU policy)
 # ------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def _malloc_trim():
+def _glibc_function(name: str):
+    """A function of the C library when it is glibc's (Linux), else None."""
     import ctypes
     import ctypes.util
     import sys
@@ -131,7 +134,12 @@ def _malloc_trim():
     if not sys.platform.startswith("linux"):
         return None
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    return getattr(libc, "malloc_trim", None)     # glibc only (not musl)
+    return getattr(libc, name, None)     # glibc only (not musl)
+
+
+# glibc's mallopt parameters (malloc.h) and the values `keep_host_heap` sets.
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+HOST_HEAP = {M_MMAP_THRESHOLD: 64 << 20, M_TRIM_THRESHOLD: 512 << 20, M_TOP_PAD: 64 << 20}
 
 
 def release_host_memory() -> None:
@@ -140,9 +148,26 @@ def release_host_memory() -> None:
     XLA frees its compiler's working memory when a compilation ends, but glibc keeps those pages
     (after compiling R50 at 800x1066 the process stays ~170 MB larger until they are trimmed).
     """
-    trim = _malloc_trim()
+    trim = _glibc_function("malloc_trim")
     if trim is not None:
         trim(0)
+
+
+def keep_host_heap() -> bool:
+    """Make glibc's malloc keep the memory a loop frees, for the rest of the process; False where
+    the C library is not glibc (nothing changed).
+
+    A train step on the CPU allocates and frees the same buffers every step (XLA's temporaries,
+    the loader's batches), many above glibc's mmap threshold or its trim threshold: by default
+    each step maps them anew and the kernel zero-fills every page again (the demo's detector:
+    ~14,000 page faults a step, ~7 % of its time in the kernel).  Here blocks up to 64 MiB come
+    from the heap, which keeps up to 512 MiB of free memory instead of giving it back
+    (`HOST_HEAP`).  `release_host_memory` still trims on request.
+    """
+    mallopt = _glibc_function("mallopt")
+    if mallopt is None:
+        return False
+    return all(mallopt(parameter, value) == 1 for parameter, value in HOST_HEAP.items())
 
 
 def one_image_at_a_time(fn: Callable, *batched):

@@ -387,13 +387,16 @@ def train(config: Config, workdir, train_data, *, resume: bool = True, max_steps
     eval_fn(variables, step) -> metrics dict: called every `eval_every` steps and at the end, on
     process 0 only (the other hosts wait at their next step); its numbers are logged to
     metrics.jsonl as `eval/NAME` (`detr_jax.evaluation.runner.make_eval_fn`).  policy: the runtime's
-    execution policy the step follows ("auto": by the backend; see `detr_jax.runtime`).
+    execution policy the step follows ("auto": by the backend; see `detr_jax.runtime`); under the
+    CPU policy the process's C heap keeps the memory the steps free (`runtime.keep_host_heap`).
     Returns {"state": TrainState (host), "metrics": the last logged row, "steps": steps run here}.
     """
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     tc, primary = config.train, jax.process_index() == 0
     model_config, loss_config = stage_configs(config, policy)
+    if runtime.resolve_policy(policy).keep_host_heap:
+        runtime.keep_host_heap()
     loader = make_loader(train_data, config)
     total = max_steps or tc.max_steps or tc.epochs * loader.steps_per_epoch
     init_rng, step_rng = run_keys(tc.seed)

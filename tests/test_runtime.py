@@ -190,3 +190,40 @@ def test_checkpoint_io_does_not_import_the_converter_or_the_runtime():
             "print(sorted(m for m in ('detr_jax.convert', 'detr_jax.runtime') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+HOST_HEAP_PROBE = """
+import ctypes, resource, sys
+from detr_jax import runtime
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+def page_faults_of_five_allocations(size=40 << 20):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        block = libc.malloc(size)
+        ctypes.memset(block, 1, size)
+        libc.free(block)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+default = page_faults_of_five_allocations()
+if not runtime.keep_host_heap():
+    sys.exit(3)
+page_faults_of_five_allocations()              # the first allocation takes the pages
+print(default, page_faults_of_five_allocations())
+"""
+
+
+def test_a_kept_host_heap_reuses_the_pages_of_freed_buffers():
+    """After `keep_host_heap`, a 40 MB block (above glibc's largest automatic mmap threshold,
+    32 MB, so mapped and faulted in anew at every allocation by default) freed and allocated again
+    takes (almost) no new pages from the kernel.  In a fresh process: the setting is for life."""
+    probe = subprocess.run([sys.executable, "-c", HOST_HEAP_PROBE], capture_output=True, text=True)
+    if probe.returncode == 3:
+        pytest.skip("the C library is not glibc")
+    assert probe.returncode == 0, probe.stderr
+    default_faults, kept_faults = map(int, probe.stdout.split())
+    assert default_faults >= 5                      # at least one page per fresh mapping
+    assert kept_faults * 10 <= default_faults

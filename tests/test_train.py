@@ -169,9 +169,14 @@ def test_init_from_fails_loudly_on_arrays_that_do_not_fit():
 # ------------------------------------------------------------------------------------------------
 # Training runs
 # ------------------------------------------------------------------------------------------------
-def test_the_train_step_compiles_once(dataset, tmp_path, monkeypatch):
+def test_the_train_step_compiles_once_and_the_cpu_loop_keeps_its_host_heap(dataset, tmp_path, monkeypatch):
     """The loop's first call must not leave the step with other argument shardings than its later
-    calls: that compiled the whole step twice (14 s more per run for the demo config)."""
+    calls: that compiled the whole step twice (14 s more per run for the demo config).  Under the
+    CPU policy the loop first makes the C heap keep the memory its steps free."""
+    from detr_jax import runtime
+
+    heap_calls = []
+    monkeypatch.setattr(runtime, "keep_host_heap", lambda: heap_calls.append(1) or True)
     compiles_per_call = []
     make_parallel = train_module.make_parallel_train_step
 
@@ -192,6 +197,7 @@ def test_the_train_step_compiles_once(dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "make_parallel_train_step", counting)
     train(fixed_size_config(max_steps=3, log_every=1), tmp_path, dataset, progress=False)
     assert compiles_per_call == [1, 0, 0]
+    assert heap_calls == ([1] if runtime.resolve_policy().keep_host_heap else [])
 
 
 def test_masks_of_the_matched_queries_only_give_the_same_step(monkeypatch):
