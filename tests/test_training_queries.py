@@ -241,7 +241,7 @@ def test_each_query_group_gets_its_own_one_to_one_matching(tiny):
 # ------------------------------------------------------------------------------------------------
 # Configs and training
 # ------------------------------------------------------------------------------------------------
-def test_the_accelerators_are_off_by_default_and_in_every_paper_recipe_and_the_demo_uses_the_encoder_loss():
+def test_the_accelerators_are_off_by_default_and_in_every_paper_recipe_and_the_demo_uses_the_encoder_loss_and_denoising():
     from detr_jax.demo import demo_stages
 
     model = load_config("detr_tiny").model
@@ -250,7 +250,7 @@ def test_the_accelerators_are_off_by_default_and_in_every_paper_recipe_and_the_d
         train = load_config(name).train
         assert train.query_groups == 1 and train.denoising.groups == 0 and train.encoder_supervision == 0, name
     stages = {name: config.train for name, config in demo_stages()}   # the demo: what its measurements chose
-    assert (stages["detection"].query_groups, stages["detection"].denoising.groups) == (1, 0)
+    assert (stages["detection"].query_groups, stages["detection"].denoising.groups) == (1, 1)
     assert stages["detection"].encoder_supervision == 2.0
     assert (stages["masks"].query_groups, stages["masks"].denoising.groups, stages["masks"].encoder_supervision) == (1, 0, 0)
     assert training_queries.build(TrainConfig(query_groups=2, stage="masks"), model) is None
