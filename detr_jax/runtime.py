@@ -159,10 +159,11 @@ def keep_host_heap() -> bool:
 
     A train step on the CPU allocates and frees the same buffers every step (XLA's temporaries,
     the loader's batches), many above glibc's mmap threshold or its trim threshold: by default
-    each step maps them anew and the kernel zero-fills every page again (the demo's detector:
-    ~14,000 page faults a step, ~7 % of its time in the kernel).  Here blocks up to 64 MiB come
-    from the heap, which keeps up to 512 MiB of free memory instead of giving it back
-    (`HOST_HEAP`).  `release_host_memory` still trims on request.
+    each step maps them anew and the kernel zero-fills every page again (the demo, 2026-12-05:
+    ~14,000 page faults a step, 110 s of system time against 925 s of user time).  Here blocks
+    up to 64 MiB come from the heap, which keeps up to 512 MiB of free memory instead of giving
+    it back (`HOST_HEAP`); the demo then spent 20 s in the system, and peaked at 2.3 GB instead
+    of 1.85.  `release_host_memory` still trims on request.
     """
     mallopt = _glibc_function("mallopt")
     if mallopt is None:

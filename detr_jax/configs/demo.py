@@ -16,8 +16,8 @@ the first steps.
 
 The detector trains with the encoder's dense supervision (`TrainConfig.encoder_supervision`)
 and one group of query denoising (`TrainConfig.denoising`), both training only: the exported
-model is a plain DETR.  It matches on the device (`LossConfig.matcher="device"`: the same
-optimal assignment as scipy's, without a host callback in the step).  What the detector-only runs of 2026-12-05
+model is a plain DETR.  It matches on the device (`LossConfig.matcher="device"`: an optimal
+assignment of the same total cost as scipy's, without a host callback in the step).  What the detector-only runs of 2026-12-05
 measured (`bench/demo_convergence.py --stages detection`, seed 0, one run at a time; BENCHMARKS.md
 "The demo's detector in minutes"): the encoder loss doubled box AP after 900 steps (11.3 against
 5.4); the 16-32-64-128 backbone costs a third of the 32-64-128-128 one's FLOPs; batches of 8
@@ -35,9 +35,11 @@ PQ 57.0 after 200 steps and 63.0 after 400, against 42.4 and 55.7 at 1x.
 
 Then query denoising on top (2026-12-05, an Intel Xeon, seed 0, detector-only runs of 1600
 steps with cosine decay to 1600; BENCHMARKS.md "Query denoising on the encoder supervision"):
-box AP 20.4 without it, 26.5 with 1 group, 27.6 with 2, 30.5 with 5; the step costs 8 %, 17 %
-and 31 % more (paired timings), so one group gives the most per second.  The device matcher
-made the step 6 % shorter.
+box AP 20.4 without it, 26.5 with 1 group, 27.6 with 2, 30.5 with 5 (seed 1: 21.9 without, 23.4
+with 1 group); the step costs 10 %, 19 % and 35 % more (paired timings,
+`bench/demo_step_variants.py`): one group is what the 10-minute budget leaves room for.  The
+device matcher made the step 3-6 % shorter.  In the whole demo (3200 steps, one run each) box
+AP was the same with one group as without (44.6), AP50 79.5 against 74.9, PQ 58.4 against 54.6.
 """
 from detr_jax.config import Config, DataConfig, DenoisingConfig, LossConfig, ModelConfig, TrainConfig
 
