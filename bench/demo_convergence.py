@@ -178,18 +178,26 @@ def run_one(variant: str, seed: int, args, workdir: pathlib.Path) -> Dict[str, A
 
 
 def apply_overrides(config, assignments):
-    """`config` with each "SECTION.FIELD=VALUE" applied (VALUE parsed as JSON when it parses)."""
+    """`config` with each "SECTION.FIELD=VALUE" applied (VALUE parsed as JSON when it parses); a
+    field of a nested config as SECTION.FIELD.SUB=VALUE (e.g. train.denoising.groups=1)."""
     for assignment in assignments:
         key, _, text = assignment.partition("=")
-        section, _, field = key.partition(".")
-        if not text or not hasattr(config, section) or not hasattr(getattr(config, section), field):
+        names = key.split(".")
+        if not text or len(names) < 2:
             raise SystemExit(f"--set {assignment!r}: expected SECTION.FIELD=VALUE with a field of the config")
         try:
             value = json.loads(text)
         except json.JSONDecodeError:
             value = text
         value = tuple(value) if isinstance(value, list) else value
-        config = dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **{field: value})})
+
+        def replace(obj, path):
+            if not dataclasses.is_dataclass(obj) or not hasattr(obj, path[0]):
+                raise SystemExit(f"--set {assignment!r}: expected SECTION.FIELD=VALUE with a field of the config")
+            inner = value if len(path) == 1 else replace(getattr(obj, path[0]), path[1:])
+            return dataclasses.replace(obj, **{path[0]: inner})
+
+        config = replace(config, names)
     return config
 
 

@@ -12,14 +12,13 @@ the loop's own work are not in it.
         [--rounds 30] [--calls 3] [--data DIR]
 
 A variant is a comma-separated list of SECTION.FIELD=VALUE overrides of the detector stage's
-config (`demo_convergence.py`'s `--set`; a nested field as SECTION.FIELD.SUB=VALUE); "" is the
-demo as it is.
+config (`demo_convergence.apply_overrides`, as its `--set`; a nested field as
+SECTION.FIELD.SUB=VALUE); "" is the demo as it is.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import pathlib
 import statistics
 import sys
@@ -28,26 +27,9 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+from demo_convergence import apply_overrides  # noqa: E402
+
 BATCHES = 8
-
-
-def override(config, assignment: str):
-    """`config` with one SECTION.FIELD[.SUB]=VALUE applied (VALUE parsed as JSON when it parses)."""
-    key, _, text = assignment.partition("=")
-    path = key.split(".")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = text
-    value = tuple(value) if isinstance(value, list) else value
-
-    def replace(obj, names):
-        if not hasattr(obj, names[0]):
-            raise SystemExit(f"{assignment!r}: {type(obj).__name__} has no field {names[0]!r}")
-        inner = value if len(names) == 1 else replace(getattr(obj, names[0]), names[1:])
-        return dataclasses.replace(obj, **{names[0]: inner})
-
-    return replace(config, path)
 
 
 def build_step(config, batches):
@@ -95,9 +77,7 @@ def main() -> None:
     dataset = CocoPanoptic(ensure_synthetic(args.data, **DATASET), "train2017")
     runs = []
     for variant in args.variants:
-        config = load_config("demo")
-        for assignment in filter(None, variant.split(",")):
-            config = override(config, assignment)
+        config = apply_overrides(load_config("demo"), filter(None, variant.split(",")))
         loader = make_loader(dataset, dataclasses.replace(config, train=dataclasses.replace(config.train, num_workers=0)))
         batches = loader.iterate(0)
         step, state, device_batches, rng = build_step(config, [next(batches) for _ in range(BATCHES)])
