@@ -186,6 +186,8 @@ class TrainConfig:
     save_every: int = 1000          # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 3       # the last N checkpoints are kept
     num_workers: int = 4            # data-loading threads per host
+    cache_records: bool = False     # keep the decoded training records in memory, each read from disk
+                                    # once (`data.loader.Loader`): small datasets over many epochs
     # Training-only convergence accelerators (`detr_jax.training_queries`); the trained model is
     # plain DETR.  Both off in the paper recipes.
     denoising: DenoisingConfig = DenoisingConfig()

@@ -303,15 +303,17 @@ def summarize(history: List[Dict[str, float]], seconds: float, global_batch: int
 # The loop
 # ------------------------------------------------------------------------------------------------
 def make_loader(train_data, config: Config) -> Loader:
-    """A training Loader of this host's shard; `train_data` may already be one (used as is)."""
+    """A training Loader of this host's shard; `train_data` may already be one (used as is).  Its
+    records keep their masks only where the stage's losses use them (`stage_configs`)."""
     if isinstance(train_data, Loader):
         return train_data
     batch, hosts = config.train.batch_size, jax.process_count()
     if batch % (hosts * jax.local_device_count()):
         raise ValueError(f"batch_size {batch} must split over {hosts} hosts x {jax.local_device_count()} devices")
+    uses_masks = stage_configs(config)[1].masks
     return Loader(train_data, batch // hosts, TrainTransform(config.data), seed=config.train.seed,
                   num_workers=config.train.num_workers, shard_index=jax.process_index(), num_shards=hosts,
-                  config=config.data)
+                  config=config.data, keep_masks=uses_masks, cache_records=config.train.cache_records)
 
 
 def run_keys(seed: int):

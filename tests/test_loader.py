@@ -186,3 +186,44 @@ def test_synthetic_panoptic_end_to_end(tmp_path):
         assert batch["masks"].shape == (2, CFG.max_boxes, h, w)
         assert (batch["boxes"][batch["valid"]] > 0).all() and (batch["boxes"][batch["valid"]] <= 1).all()
         assert set(batch["labels"][batch["valid"]]) <= set(range(1, 7))
+
+
+def test_cached_records_are_read_once_and_give_the_same_batches():
+    uncached = list(make(num_workers=2).iterate(0, 12))     # 5 steps an epoch: three epochs
+    dataset = ToyDataset(bad={3})
+    cached = make(dataset, num_workers=2, cache_records=True)
+    batches = list(cached.iterate(0, 12))
+    good_reads = [i for i in dataset.reads if i != 3]
+    assert len(good_reads) == len(set(good_reads)) > 19     # 20 of the 23 drawn an epoch, each read once
+    assert dataset.reads.count(3) == cached.num_skipped >= 2   # a bad item is not cached: skipped every epoch
+    clean = list(make(num_workers=2, cache_records=True).iterate(0, 12))
+    assert_same_batches(uncached, clean)
+    assert not np.array_equal(batches[0]["image_id"], batches[5]["image_id"])   # epochs still reshuffle
+
+
+def test_cached_records_are_read_only():
+    loader = make(cache_records=True)
+    record = loader.record(4)
+    with pytest.raises(ValueError, match="read-only"):
+        record["image"][0, 0, 0] = 0
+    assert loader.record(4) is record
+    assert make().record(4)["image"].flags.writeable          # uncached records are the dataset's own
+
+
+def test_records_lose_their_masks_when_the_stage_uses_none():
+    with_masks = list(make(num_workers=2).iterate(0, 6))
+    without = list(make(num_workers=2, keep_masks=False).iterate(0, 6))
+    for a, b in zip(with_masks, without):
+        assert "masks" in a and "masks" not in b
+        assert_same_batches([{k: v for k, v in a.items() if k != "masks"}], [b])
+    all_bad = list(make(ToyDataset(bad={0, 1, 2, 3}), shuffle=False, keep_masks=False).iterate(0, 2))
+    assert all(b.keys() == without[0].keys() for b in all_bad)   # an all-bad batch has no masks either
+
+
+def test_make_loader_keeps_masks_only_for_a_stage_with_mask_losses():
+    from detr_jax.demo import demo_stages
+    from detr_jax.train import make_loader
+
+    (_, detection), (_, masks) = demo_stages()
+    assert not make_loader(ToyDataset(), detection).keep_masks and make_loader(ToyDataset(), detection).cache_records
+    assert make_loader(ToyDataset(), masks).keep_masks and not make_loader(ToyDataset(), masks).cache_records

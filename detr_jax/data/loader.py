@@ -25,6 +25,13 @@ every S-th item of it.  Item i's augmentation draws from `default_rng([seed, 1, 
 batches do not depend on the number of workers.  `iterate(start_step=k)` starts at global step k
 (epoch k // steps_per_epoch) without reading the skipped items.
 
+Records: `keep_masks=False` drops each record's masks before the transform (a stage whose losses
+use none: no time spent resizing, flipping and padding them).  `cache_records=True` keeps every
+record read (after that drop) in memory and reads each item from disk once: for small datasets
+trained for many epochs, where decoding would take a share of the CPU the train step needs.
+Cached arrays are read-only, so a transform that wrote into its input would fail loudly instead of
+changing later epochs.
+
 Filler rows keep shapes static: an unreadable item (`BadSampleError`, logged and counted in
 `num_skipped`) is replaced by a copy of another row of its batch, and with
 `drop_remainder=False` the last batch of an epoch is completed the same way; both have
@@ -99,6 +106,16 @@ def collate(samples: List[Sample], max_boxes: int, bucket_multiple: int, max_sid
     return batch
 
 
+def read_only(record: Sample) -> Sample:
+    """A shallow copy of `record` whose numpy arrays are read-only views."""
+    def frozen(value):
+        if isinstance(value, np.ndarray):
+            value = value.view()
+            value.flags.writeable = False
+        return value
+    return {k: frozen(v) for k, v in record.items()}
+
+
 class Loader:
     """Batches of `dataset` (a sequence of records, `coco.py`) through `transform(record, rng)`.
 
@@ -106,12 +123,14 @@ class Loader:
     num_workers: threads decoding and augmenting ahead of the consumer (0: in the caller).
     prefetch: batches prepared ahead when num_workers > 0.
     config: supplies max_boxes, bucket_multiple and the bucket cap.
+    keep_masks: False drops the records' masks (see the module docstring).
+    cache_records: keep the records read in memory (see the module docstring).
     """
 
     def __init__(self, dataset, batch_size: int, transform: Optional[Callable] = None, seed: int = 0,
                  shuffle: bool = True, num_workers: int = 0, drop_remainder: bool = True,
                  shard_index: int = 0, num_shards: int = 1, *, config: DataConfig = DataConfig(),
-                 prefetch: int = 2):
+                 prefetch: int = 2, keep_masks: bool = True, cache_records: bool = False):
         if not 0 <= shard_index < num_shards:
             raise ValueError(f"shard_index {shard_index} not in [0, {num_shards})")
         self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
@@ -133,6 +152,8 @@ class Loader:
         self._warned_max_boxes = False
         self._with_masks: Optional[bool] = None  # whether the samples carry masks (None: not known yet)
         self._order_cache: Dict[int, np.ndarray] = {}
+        self.keep_masks, self.cache_records = keep_masks, cache_records
+        self._records: Dict[int, Sample] = {}   # index -> record (cache_records)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -160,11 +181,25 @@ class Loader:
         chosen = self.epoch_indices(epoch)[pos * self.batch_size:(pos + 1) * self.batch_size].tolist()
         return chosen + [None] * (self.batch_size - len(chosen))
 
+    def record(self, index: int) -> Sample:
+        """Item `index` of the dataset as the transform receives it: without masks unless
+        `keep_masks`, from memory when cached.  Raises the dataset's `BadSampleError`."""
+        cached = self._records.get(index)
+        if cached is not None:
+            return cached
+        record = self.dataset[index]
+        if not self.keep_masks:
+            record = {k: v for k, v in record.items() if k != "masks"}
+        if self.cache_records:
+            record = read_only(record)
+            self._records[index] = record   # one dict store: atomic under the GIL
+        return record
+
     def _sample(self, epoch: int, index: Optional[int]) -> Optional[Sample]:
         if index is None:
             return None
         try:
-            record = self.dataset[index]
+            record = self.record(index)
         except BadSampleError as e:
             log.warning("skipping item %d: %s", index, e)
             with self._lock:
@@ -175,6 +210,8 @@ class Loader:
     def _samples_carry_masks(self) -> bool:
         """Whether the dataset's samples carry masks: as the last good batch's, else read from the
         first readable record (once; a first batch of unreadable rows still has every key)."""
+        if self._with_masks is None and not self.keep_masks:
+            self._with_masks = False
         if self._with_masks is None:
             self._with_masks = False
             for index in range(len(self.dataset)):
