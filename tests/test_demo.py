@@ -56,7 +56,7 @@ def test_the_long_schedule_trains_both_stages_longer_and_a_wrong_name_is_refused
 
     assert schedules() == ["default", "long"]
     default, long = ({name: c.train for name, c in demo_stages(schedule=s)} for s in ("default", "long"))
-    assert (long["detection"].max_steps, long["masks"].max_steps) == (6400, 400)
+    assert (long["detection"].max_steps, long["masks"].max_steps) == (9200, 400)
     assert long["detection"].max_steps > default["detection"].max_steps
     assert long["masks"].max_steps > default["masks"].max_steps
     assert long["detection"].lr_decay == default["detection"].lr_decay == "cosine"   # to 0 at the last step

@@ -6,7 +6,7 @@
 
 Choices for fast convergence from scratch (the released recipe fine-tunes a pretrained ResNet
 for 300 epochs): a plain ConvNet backbone (16-32-64-128 channels, 8x8 tokens at 128 px), nothing
-frozen, pre-norm, 16 queries, batches of 8, lr 2e-3 everywhere with warm-up and cosine decay, the
+frozen, pre-norm, one encoder and two decoder layers, 16 queries, batches of 8, lr 2e-3 everywhere with warm-up and cosine decay, the
 class loss and the class matching cost doubled, the no-object class weighted 0.5 (`eos_coef`),
 and AdamW's epsilon at 1e-12: clipping at 0.1 scales gradients down ~200x, which sinks the tiny
 gradients of `bbox_attention` (attention maps of ~1e-3) below the default 1e-8; and
@@ -40,6 +40,16 @@ with 1 group); the step costs 10 %, 19 % and 35 % more (paired timings,
 `bench/demo_step_variants.py`): one group is what the 10-minute budget leaves room for.  The
 device matcher made the step 3-6 % shorter.  In the whole demo (3200 steps, one run each) box
 AP was the same with one group as without (44.6), AP50 79.5 against 74.9, PQ 58.4 against 54.6.
+
+Then fewer transformer layers (2026-12-06, the same Intel Xeon; BENCHMARKS.md "Fewer transformer
+layers"): each encoder or decoder layer was 10-11 % of the step of three of each (paired timings),
+and the shallower detectors learned more per second.  Detector-only runs of seed 0 of about the
+same training time: box AP 27.4 with 3 + 3 layers (1600 steps, 256 s), 34.0 with 2 + 2 (2000 steps,
+239 s), 31.1 with 1 + 3 (1800 steps, 222 s) and 37.9 with 1 + 2 (2300 steps, 224 s).  Whole demos:
+2 + 2 layers and 4000 steps, box AP 46.6 in 9 min 41 s; 1 + 2 and 4600 steps, 49.4 (PQ 62.2) in
+9 min 23 s; 1 + 2 with 5000 detector and 150 mask steps, 47.7 (PQ 58.5) in 9 min 58 s, too near the
+10 minutes for no gain (one run each).  The detector stage keeps its decoded records in memory
+(`cache_records`: 3.5 ms of loader CPU a batch instead of 13.6).
 """
 from detr_jax.config import Config, DataConfig, DenoisingConfig, LossConfig, ModelConfig, TrainConfig
 
@@ -48,15 +58,15 @@ def get_config() -> Config:
     return Config(
         name="demo",
         model=ModelConfig(backbone="convnet_tiny", dilation=False, num_classes=7, masks=True, hidden_dim=128,
-                          num_heads=8, dim_feedforward=512, enc_layers=3, dec_layers=3, num_queries=16,
+                          num_heads=8, dim_feedforward=512, enc_layers=1, dec_layers=2, num_queries=16,
                           dropout=0.0, pre_norm=True),
         loss=LossConfig(masks=True, ce_weight=2.0, cost_class=2.0, eos_coef=0.5, matcher="device"),
         data=DataConfig(short_side=128, max_size=128, train_scales=(128,), train_max_size=128, crop_prob=0.0,
                         max_boxes=8, bucket_multiple=32),
-        train=TrainConfig(batch_size=8, max_steps=3200, lr=2e-3, lr_backbone=2e-3, frozen=(), warmup_steps=100,
+        train=TrainConfig(batch_size=8, max_steps=4600, lr=2e-3, lr_backbone=2e-3, frozen=(), warmup_steps=100,
                           lr_decay="cosine", adam_eps=1e-12, log_every=25, save_every=500, keep_checkpoints=2,
-                          num_workers=2, stage="detection", mask_attention_gain=8192.0, encoder_supervision=2.0,
-                          denoising=DenoisingConfig(groups=1)),
+                          num_workers=2, cache_records=True, stage="detection", mask_attention_gain=8192.0,
+                          encoder_supervision=2.0, denoising=DenoisingConfig(groups=1)),
     )
 
 
@@ -70,11 +80,11 @@ def get_config() -> Config:
 # on the detector of box AP 40.4, 48.5 / 57.0 / 61.3 / 63.0 at 16x.
 MASK_STAGE = dict(stage="masks", max_steps=200, batch_size=16, lr=5e-4, lr_backbone=5e-4, warmup_steps=0,
                   lr_decay="step", lr_drop_step=175, encoder_supervision=0.0,
-                  denoising=DenoisingConfig(groups=0))
+                  denoising=DenoisingConfig(groups=0), cache_records=False)
 
 # `detr-jax demo --schedule NAME`: train steps and lr drops of each stage.  "default" is the config
 # above; "long" trains the detector about 2x longer and the masks 2x (README has its figures and times).
 SCHEDULES = {
     "default": {},
-    "long": dict(detection=dict(max_steps=6400), masks=dict(max_steps=400, lr_drop_step=350)),
+    "long": dict(detection=dict(max_steps=9200), masks=dict(max_steps=400, lr_drop_step=350)),
 }
