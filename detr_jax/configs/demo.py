@@ -6,10 +6,11 @@
 
 Choices for fast convergence from scratch (the released recipe fine-tunes a pretrained ResNet
 for 300 epochs): a plain ConvNet backbone (16-32-64-128 channels, 8x8 tokens at 128 px), nothing
-frozen, pre-norm, one encoder and two decoder layers, 16 queries, batches of 8, lr 2e-3 everywhere with warm-up and cosine decay, the
-class loss and the class matching cost doubled, the no-object class weighted 0.5 (`eos_coef`),
-and AdamW's epsilon at 1e-12: clipping at 0.1 scales gradients down ~200x, which sinks the tiny
-gradients of `bbox_attention` (attention maps of ~1e-3) below the default 1e-8; and
+frozen, pre-norm, one encoder and two decoder layers, 16 queries, batches of 8, lr 2e-3
+everywhere with warm-up and cosine decay, the class loss and the class matching cost doubled,
+the no-object class weighted 0.5 (`eos_coef`), and AdamW's epsilon at 1e-12: clipping at 0.1
+scales gradients down ~200x, which sinks the tiny gradients of `bbox_attention` (attention maps
+of ~1e-3) below the default 1e-8; and
 `mask_attention_gain` = 16 x (8 heads x 8 x 8 tokens), so that those attention maps outweigh the
 fresh mask head's other inputs to its first convolution and the masks become query-specific in
 the first steps.

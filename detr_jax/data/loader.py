@@ -208,15 +208,14 @@ class Loader:
         return self.transform(record, np.random.default_rng([self.seed, 1, epoch, index]))
 
     def _samples_carry_masks(self) -> bool:
-        """Whether the dataset's samples carry masks: as the last good batch's, else read from the
-        first readable record (once; a first batch of unreadable rows still has every key)."""
-        if self._with_masks is None and not self.keep_masks:
-            self._with_masks = False
+        """Whether the samples carry masks: as the last good batch's, else read from the first
+        readable record as `record` gives it (once; a first batch of unreadable rows still has
+        every key)."""
         if self._with_masks is None:
             self._with_masks = False
             for index in range(len(self.dataset)):
                 try:
-                    self._with_masks = "masks" in self.dataset[index]
+                    self._with_masks = "masks" in self.record(index)
                     break
                 except BadSampleError:
                     continue
