@@ -243,19 +243,22 @@ def torch_model(framework: str, model: str, device):
     return net.to(device).eval()
 
 
+def hf_missing() -> List[str]:
+    """The packages that Hugging Face's DETR needs and this interpreter cannot import."""
+    return [m for m in ("transformers", "timm") if importlib.util.find_spec(m) is None]
+
+
 def torch_inference(framework: str, model: str, sizes: Sizes) -> List[Dict[str, object]]:
     import contextlib
 
+    base = {"kind": "inference", "framework": framework, "model": model, "size": f"{sizes.height}x{sizes.width}"}
+    if framework == "hf" and hf_missing():
+        return [dict(base, dtype=d, batch=b, skipped=f"{' and '.join(hf_missing())} not importable here")
+                for d in sizes.dtypes for b in sizes.batches]
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
-    base = {"kind": "inference", "framework": framework, "model": model, "size": f"{sizes.height}x{sizes.width}"}
-    if framework == "hf":
-        missing = [m for m in ("transformers", "timm") if importlib.util.find_spec(m) is None]
-        if missing:
-            return [dict(base, dtype=d, batch=b, skipped=f"{' and '.join(missing)} not importable here")
-                    for d in sizes.dtypes for b in sizes.batches]
     net = torch_model(framework, model, device)
     batches = sizes.compile_batches if framework == "torch_compile" else sizes.batches
     rows = []
@@ -397,7 +400,9 @@ def torch_train(sizes: Sizes, batches: Sequence[int]) -> List[Dict[str, object]]
 
 
 def worker(job: Dict[str, object], sizes: Sizes) -> List[Dict[str, object]]:
-    if sizes.torch_threads and importlib.util.find_spec("torch") is not None:
+    # torch's threads in the jobs that run torch only: importing it costs a job seconds of CPU
+    runs_torch = job["framework"] != "jax" and not (job["framework"] == "hf" and hf_missing())
+    if sizes.torch_threads and runs_torch and importlib.util.find_spec("torch") is not None:
         import torch
 
         torch.set_num_threads(sizes.torch_threads)

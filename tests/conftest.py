@@ -64,12 +64,14 @@ share_compilation_cache()
 # `make test` runs two pytest-xdist workers, a module whole on one worker (`--dist loadscope`), in
 # collection order (`--no-loadscope-reorder`).  The modules that take minutes start first, longest
 # first, so that the short ones fill the gaps and both workers finish together.  The order is that
-# of their times in a two-worker run of the whole suite at e8e1ae2 (2026-12-05, 2 cores), before the
-# short demo test lost its second dataset; the other modules follow in pytest's order.
+# of their times in a two-worker run of the whole suite on 2026-12-06 (2 cores shared with a
+# training run), after test_train.py's overfitting run went from 400 steps to 100; the other
+# modules follow in pytest's order.
 LONGEST_MODULES_FIRST = (
-    "test_train.py", "test_bench_accelerator.py", "test_train_multiprocess.py", "test_models.py",
-    "test_demo.py", "test_fidelity.py", "test_predict.py", "test_training_queries.py", "test_export.py",
-    "test_mixed_precision.py", "test_convert.py", "test_runtime.py", "test_data_tfds.py")
+    "test_train_multiprocess.py", "test_fidelity.py", "test_bench_accelerator.py", "test_train.py",
+    "test_models.py", "test_export.py", "test_predict.py", "test_demo.py", "test_training_queries.py",
+    "test_mixed_precision.py", "test_postprocess.py", "test_convert.py", "test_data_tfds.py",
+    "test_cli_predict.py", "test_runtime.py")
 
 
 def pytest_collection_modifyitems(config, items):

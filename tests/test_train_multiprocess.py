@@ -112,7 +112,10 @@ def free_port() -> int:
 def environment(tmp_path: pathlib.Path, devices: int = 1, cache: bool = False) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
                XLA_FLAGS=with_test_xla_flags(f"--xla_force_host_platform_device_count={devices}"))
-    if cache:  # programs without host callbacks (the "device" matcher) compile once for all runs
+    # programs without host callbacks (the "device" matcher) compile once for all runs: in the
+    # suite's cache when it has one (conftest.py), which also holds the tiny model's init that the
+    # earlier tests compiled, else in one of the test's own
+    if cache and "JAX_COMPILATION_CACHE_DIR" not in env:
         env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return env
