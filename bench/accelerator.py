@@ -252,8 +252,9 @@ def torch_inference(framework: str, model: str, sizes: Sizes) -> List[Dict[str, 
     import contextlib
 
     base = {"kind": "inference", "framework": framework, "model": model, "size": f"{sizes.height}x{sizes.width}"}
-    if framework == "hf" and hf_missing():
-        return [dict(base, dtype=d, batch=b, skipped=f"{' and '.join(hf_missing())} not importable here")
+    missing = hf_missing() if framework == "hf" else []
+    if missing:
+        return [dict(base, dtype=d, batch=b, skipped=f"{' and '.join(missing)} not importable here")
                 for d in sizes.dtypes for b in sizes.batches]
     import torch
 

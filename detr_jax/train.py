@@ -200,12 +200,7 @@ def unreplicate(tree: Any) -> Any:
     too when no step ran, e.g. resuming a finished run), as host numpy arrays.  The copy is taken
     apart on the host: indexing the device arrays compiled a program per leaf shape (41 in a
     detr_tiny run with a checkpoint, seconds of a short run)."""
-    return first_copy(jax.device_get(jax.tree.map(lambda x: x.addressable_data(0), tree)))
-
-
-def first_copy(tree: Any) -> Any:
-    """Host arrays `[1, ...]` (a device's shard of a replicated tree) -> `[...]`."""
-    return jax.tree.map(lambda x: x[0], tree)
+    return jax.tree.map(lambda x: x[0], jax.device_get(jax.tree.map(lambda x: x.addressable_data(0), tree)))
 
 
 def shard_batch(batch: Dict[str, np.ndarray], keys) -> Dict[str, np.ndarray]:
@@ -449,8 +444,7 @@ def train(config: Config, workdir, train_data, *, resume: bool = True, max_steps
         nonlocal tick, last_row
         if not pending:
             return
-        history = [dict(first_copy(row), step=s) for s, row in jax.device_get(
-            [(s, jax.tree.map(lambda x: x.addressable_data(0), m)) for s, m in pending])]
+        history = [dict(row, step=s) for (s, _), row in zip(pending, unreplicate([m for _, m in pending]))]
         pending.clear()
         error = nonfinite_error(history)
         if error is not None:

@@ -54,8 +54,8 @@ def dataset(tmp_path_factory):
 def counting_compiles(make_parallel, compiles_per_call):
     """`make_parallel_train_step` whose parallel step appends to `compiles_per_call` the number of
     XLA compilations each call ran."""
-    def counting(step_fn, *args, **kwargs):
-        parallel = make_parallel(step_fn, *args, **kwargs)
+    def counting(step_fn):
+        parallel = make_parallel(step_fn)
 
         def call(*args):
             events = []
